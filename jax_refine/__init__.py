@@ -1,0 +1,1 @@
+"""jax_refine: high-quality segmentation refinement (CRM, PNA) in JAX/Flax."""

@@ -1,0 +1,9 @@
+"""PyTorch state_dict -> Flax variables: readable per-module mappings (torch never required).
+
+Every public converter takes a state_dict (torch tensors or numpy arrays) and returns a
+Flax tree; unknown or missing keys raise `KeyMismatchError` listing them.
+"""
+
+from jax_refine.convert.common import KeyMismatchError, StateDictReader, strip_module_prefix
+
+__all__ = ["KeyMismatchError", "StateDictReader", "strip_module_prefix"]

@@ -1,0 +1,1 @@
+"""Data: synthetic scenes, mask perturbation, input pipelines (never imported by models)."""

@@ -1,0 +1,1 @@
+"""Small Flax linen building blocks (NHWC)."""

@@ -1,0 +1,1 @@
+"""Backbone networks returning multi-scale feature dicts."""

@@ -1,0 +1,1 @@
+"""Pure JAX functions with no parameters (no Flax imports)."""
