@@ -1,0 +1,273 @@
+"""ResNet backbones (NHWC, Flax linen) returning a dict of multi-scale features.
+
+Parameter names mirror torchvision so that conversion is a readable table: `conv1`, `bn1`,
+`layer{i}_{j}` (block j of stage i) with `conv1..3`, `bn1..3`, `downsample_conv`,
+`downsample_bn`. Padding is explicit and symmetric everywhere (PyTorch's), max-pooling pads
+with -inf, BatchNorm uses PyTorch's eps 1e-5 and momentum 0.1 (Flax momentum 0.9), and
+`axis_name` turns BatchNorm into synchronised BatchNorm over a mapped/sharded axis.
+
+Bucketed inputs: when `valid_size` (rows, cols; ints or traced int32) is given, only the
+top-left `valid_size` region of the input is real and everything else is filler. Every
+spatial convolution and the max-pool then see zeros outside the valid region of their input
+(zero padding for convolutions; for the max-pool the input is post-ReLU, so a zero equals
+PyTorch's -inf padding), which makes the valid region of every feature map *exactly* the
+result of running the network on the unpadded input. The valid size of each feature is
+given by `feature_valid_sizes`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Array = Any
+Size = Any  # int or traced int32 scalar
+
+STEMS = ("torchvision", "deeplab")
+
+
+def conv_out_size(n: Size, kernel: int, stride: int, pad: int, dilation: int = 1) -> Size:
+    """PyTorch's output length of a convolution / pooling window along one axis."""
+    return (n + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def feature_valid_sizes(
+    valid_size: tuple[Size, Size], strides: Sequence[int], num_stages: int
+) -> dict[str, tuple[Size, Size]]:
+    """Valid (rows, cols) of each feature returned by `ResNet` for an input of `valid_size`."""
+
+    def down(size: tuple[Size, Size], stride: int) -> tuple[Size, Size]:
+        # Every strided op in the network (7x7/3x3 with pad k//2, 1x1 with pad 0, pool 3/2/1)
+        # maps n to (n - 1) // stride + 1.
+        return tuple(conv_out_size(n, 1, stride, 0) for n in size)
+
+    sizes = {"stem": down(valid_size, 2)}
+    size = down(sizes["stem"], 2)
+    for i in range(num_stages):
+        size = down(size, strides[i])
+        sizes[f"layer{i + 1}"] = size
+    return sizes
+
+
+def mask_valid(x: Array, valid_size: tuple[Size, Size] | None) -> Array:
+    """Zero every position of [B, H, W, C] outside the top-left `valid_size` block."""
+    if valid_size is None:
+        return x
+    rows = jnp.arange(x.shape[1]) < valid_size[0]
+    cols = jnp.arange(x.shape[2]) < valid_size[1]
+    keep = rows[:, None] & cols[None, :]
+    return jnp.where(keep[None, :, :, None], x, jnp.zeros((), x.dtype))
+
+
+def _conv_init():
+    # The reference initialises convolutions with N(0, 2 / (k * k * out_channels)).
+    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convolutions), expansion 1.
+
+    Attributes:
+      planes: output channels.
+      stride: stride of the first 3x3 convolution.
+      dilation: dilation (and padding) of both 3x3 convolutions.
+      downsample: whether the shortcut is a strided 1x1 convolution + BN.
+    """
+
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False, valid_size=None) -> Array:
+        conv, norm = _layers(self, train)
+        d = self.dilation
+        out = conv(self.planes, 3, self.stride, d, d, name="conv1")(mask_valid(x, valid_size))
+        out = nn.relu(norm(name="bn1")(out))
+        out_valid = None
+        if valid_size is not None:
+            out_valid = tuple(conv_out_size(n, 3, self.stride, d, d) for n in valid_size)
+        out = conv(self.planes, 3, 1, d, d, name="conv2")(mask_valid(out, out_valid))
+        out = norm(name="bn2")(out)
+        if self.downsample:
+            x = conv(self.planes, 1, self.stride, 0, 1, name="downsample_conv")(x)
+            x = norm(name="downsample_bn")(x)
+        return nn.relu(out + x)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (1x1 -> 3x3 (strided, dilated) -> 1x1), expansion 4.
+
+    Attributes:
+      planes: width of the 3x3 convolution; the block outputs 4 * planes channels.
+      stride: stride of the 3x3 convolution (v1.5: not of the first 1x1).
+      dilation: dilation (and padding) of the 3x3 convolution.
+      downsample: whether the shortcut is a strided 1x1 convolution + BN.
+    """
+
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False, valid_size=None) -> Array:
+        conv, norm = _layers(self, train)
+        d = self.dilation
+        out = nn.relu(norm(name="bn1")(conv(self.planes, 1, 1, 0, 1, name="conv1")(x)))
+        out = conv(self.planes, 3, self.stride, d, d, name="conv2")(mask_valid(out, valid_size))
+        out = nn.relu(norm(name="bn2")(out))
+        out = norm(name="bn3")(conv(self.planes * 4, 1, 1, 0, 1, name="conv3")(out))
+        if self.downsample:
+            x = conv(self.planes * 4, 1, self.stride, 0, 1, name="downsample_conv")(x)
+            x = norm(name="downsample_bn")(x)
+        return nn.relu(out + x)
+
+
+def _layers(module: nn.Module, train: bool):
+    """Conv and BatchNorm factories with the module's dtypes and PyTorch conventions."""
+
+    def conv(features: int, kernel: int, stride: int, pad: int, dilation: int, name: str):
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=(dilation, dilation),
+            use_bias=False,
+            kernel_init=_conv_init(),
+            dtype=module.dtype,
+            param_dtype=module.param_dtype,
+            name=name,
+        )
+
+    def norm(name: str):
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            axis_name=module.axis_name,
+            dtype=module.dtype,
+            param_dtype=module.param_dtype,
+            name=name,
+        )
+
+    return conv, norm
+
+
+class ResNet(nn.Module):
+    """A configurable ResNet returning {'stem', 'layer1', ...} features (NHWC).
+
+    Attributes:
+      block: `BasicBlock` or `Bottleneck`.
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      width: channels of the stem and of the first stage's blocks (64 in torchvision);
+        stage i uses width * 2**i (times the block expansion at its output).
+      in_channels: input channels (checked; 4 for CRM's image + mask input).
+      strides: stride of each stage's first block.
+      dilations: dilation of each stage's blocks after the first.
+      first_dilations: dilation of each stage's first block; None = all 1 (the CascadePSP /
+        CRM rule: the first block of a dilated stage is not dilated).
+      num_stages: how many stages to compute (CRM computes 3 and never runs layer4).
+      stem: 'torchvision' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or 'deeplab'
+        (three 3x3 convs 'conv1..3' with BN 'bn1..3', the first strided, width, width,
+        2 * width channels, then the max-pool).
+      axis_name: BatchNorm statistics are averaged over this axis (SyncBN) when training.
+    Returns (from __call__): dict with 'stem' [B, ceil(H/2), ceil(W/2), stem channels]
+      (after ReLU, before pooling) and 'layer{i}' for i <= num_stages.
+    """
+
+    block: type[nn.Module]
+    stage_sizes: Sequence[int]
+    width: int = 64
+    in_channels: int = 3
+    strides: Sequence[int] = (1, 2, 2, 2)
+    dilations: Sequence[int] = (1, 1, 1, 1)
+    first_dilations: Sequence[int] | None = None
+    num_stages: int = 4
+    stem: str = "torchvision"
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        train: bool = False,
+        valid_size: tuple[Size, Size] | None = None,
+    ) -> dict[str, Array]:
+        """x: [B, H, W, in_channels]; valid_size: see the module docstring."""
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"ResNet expects {self.in_channels} input channels, got {x.shape}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
+        if not 1 <= self.num_stages <= len(self.stage_sizes):
+            raise ValueError(f"num_stages={self.num_stages} not in 1..{len(self.stage_sizes)}")
+        conv, norm = _layers(self, train)
+        valid = None
+        if valid_size is not None:
+            valid = feature_valid_sizes(valid_size, self.strides, self.num_stages)
+        x = mask_valid(x, valid_size)
+        if self.stem == "torchvision":
+            x = nn.relu(norm(name="bn1")(conv(self.width, 7, 2, 3, 1, name="conv1")(x)))
+        else:
+            x = nn.relu(norm(name="bn1")(conv(self.width, 3, 2, 1, 1, name="conv1")(x)))
+            x = mask_valid(x, valid and valid["stem"])
+            x = nn.relu(norm(name="bn2")(conv(self.width, 3, 1, 1, 1, name="conv2")(x)))
+            x = mask_valid(x, valid and valid["stem"])
+            x = nn.relu(norm(name="bn3")(conv(2 * self.width, 3, 1, 1, 1, name="conv3")(x)))
+        features = {"stem": x}
+        # Post-ReLU values are >= 0, so zeros outside the valid region act as -inf padding.
+        x = mask_valid(x, valid and valid["stem"])
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        in_features = x.shape[-1]
+        block_valid = None
+        if valid is not None:
+            block_valid = tuple(conv_out_size(n, 3, 2, 1) for n in valid["stem"])
+        first_dilations = self.first_dilations or (1,) * len(self.stage_sizes)
+        for i in range(self.num_stages):
+            planes = self.width * 2**i
+            for j in range(self.stage_sizes[i]):
+                stride = self.strides[i] if j == 0 else 1
+                block = self.block(
+                    planes=planes,
+                    stride=stride,
+                    dilation=first_dilations[i] if j == 0 else self.dilations[i],
+                    downsample=j == 0
+                    and (stride != 1 or in_features != planes * self.block.expansion),
+                    axis_name=self.axis_name,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer{i + 1}_{j}",
+                )
+                x = block(x, train=train, valid_size=block_valid)
+                in_features = planes * self.block.expansion
+                if valid is not None:
+                    block_valid = valid[f"layer{i + 1}"]
+            features[f"layer{i + 1}"] = x
+        return features
+
+
+ResNet18 = functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2))
+ResNet34 = functools.partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3))
+ResNet50 = functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3))
+ResNet101 = functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 23, 3))
+
+DEPTHS = {18: ResNet18, 34: ResNet34, 50: ResNet50, 101: ResNet101}
