@@ -5,5 +5,13 @@ Flax tree; unknown or missing keys raise `KeyMismatchError` listing them.
 """
 
 from jax_refine.convert.common import KeyMismatchError, StateDictReader, strip_module_prefix
+from jax_refine.convert.crm import crm_variables
+from jax_refine.convert.resnet import resnet_from_torchvision
 
-__all__ = ["KeyMismatchError", "StateDictReader", "strip_module_prefix"]
+__all__ = [
+    "KeyMismatchError",
+    "StateDictReader",
+    "strip_module_prefix",
+    "crm_variables",
+    "resnet_from_torchvision",
+]
