@@ -99,3 +99,31 @@ def test_resnet_from_torchvision_matches_reference():
     assert "layer4_0" not in crm_backbone["params"]
     with pytest.raises(KeyMismatchError, match="unexpected"):
         resnet_from_torchvision({**tv.state_dict(), "layer9.0.conv1.weight": 0}, in_channels=4)
+
+
+def test_two_scale_refine_matches_reference_loop(torch_crm):
+    from jax_refine.refine import Refiner
+
+    rng = np.random.default_rng(3)
+    h, w = 45, 38
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((((yy - 20) ** 2 + (xx - 18) ** 2) < 150) * 255).astype(np.uint8)
+    state = {k: v.clone() for k, v in torch_crm.state_dict().items()}
+    # Spread and centre the random model's logits so that the binary comparison means something.
+    state["imnet.layers.8.weight"] *= 40
+    im_t, seg_t = mirror.normalise(image, mask)
+    probe = mirror.CRMNet().eval()
+    probe.load_state_dict(state)
+    with torch.no_grad():
+        coord = mirror.make_coord((h, w))[None]
+        logits = probe(im_t, seg_t, coord, torch.full_like(coord, 2 / h))
+    state["imnet.layers.8.bias"] -= logits.median()
+    probe.load_state_dict(state)
+
+    want = mirror.refine_multiscale(probe, im_t, seg_t, scales=(0.5, 1.0)).numpy()
+    got = Refiner(CRM(), crm_variables(state)).refine(image, mask, scales=(0.5, 1.0))
+    assert got.shape == want.shape == (h, w) and got.dtype == np.float32
+    assert 0.1 < (want > 0.5).mean() < 0.9
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    assert ((got > 0.5) == (want > 0.5)).mean() >= 0.999
