@@ -51,7 +51,7 @@ def test_checkpoint_round_trips_a_different_configuration(tmp_path):
     x = jnp.zeros((1, 32, 32, 3))
     m = jnp.zeros((1, 32, 32, 1))
     q = jnp.zeros((1, 5, 2))
-    variables = model.init(jax.random.PRNGKey(0), x, m, q, q)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, m, q, q)
     save_checkpoint(tmp_path / "small", model, variables)
     loaded_model, loaded = load_checkpoint(tmp_path / "small")
     assert loaded_model == model
