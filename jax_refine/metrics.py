@@ -79,14 +79,15 @@ def boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     to measure, as in the reference (which divides 0 by 0). Aggregate with `np.nanmean`.
     """
     pred, gt = _check_pair(pred, gt)
-    pred, gt = pred != 0, (gt != 0).astype(np.uint8)
+    mask = (gt != 0).astype(np.uint8)
+    correct = (pred != 0) == (gt != 0)  # the same for every radius
     accuracies = []
     for radius in mba_radii(*gt.shape):
-        region = _morphological_gradient(gt, radius)
+        region = _morphological_gradient(mask, radius)
         count = np.count_nonzero(region)
         if count == 0:
             return float("nan")
-        accuracies.append(np.count_nonzero(pred[region] == gt[region].astype(bool)) / count)
+        accuracies.append(np.count_nonzero(region & correct) / count)
     return float(np.mean(accuracies))
 
 
@@ -106,6 +107,7 @@ def boundary_accuracy_multiclass(
     pred, gt = _check_pair(pred, gt)
     classes = [c for c in np.unique(gt) if void_label is None or c != void_label]
     valid = np.ones(gt.shape, bool) if void_label is None else gt != void_label
+    correct = pred == gt
     accuracies = []
     for radius in mba_radii(*gt.shape):
         region = np.zeros(gt.shape, bool)
@@ -115,7 +117,7 @@ def boundary_accuracy_multiclass(
         count = np.count_nonzero(region)
         if count == 0:
             return float("nan")
-        accuracies.append(np.count_nonzero(pred[region] == gt[region]) / count)
+        accuracies.append(np.count_nonzero(region & correct) / count)
     return float(np.mean(accuracies))
 
 
