@@ -150,22 +150,14 @@ def _compose(rng: np.random.Generator, num_classes: int) -> tuple[list[_Region],
                 offset = rng.uniform(-0.3, 0.3, size=2) * radius
                 holes.append(_blob(rng, centre + offset, radius * rng.uniform(0.12, 0.3)))
         shapes.append(_Shape(index, outline=outline, holes=holes))
-        # Stems and hair-like strokes growing out of the object.
-        for _ in range(int(rng.integers(0, 4))):
-            angle = rng.uniform(0, 2 * np.pi)
-            start = centre + 0.6 * radius * np.array([np.cos(angle), np.sin(angle)])
-            length = radius * rng.uniform(0.6, 2.0)
-            shapes.append(
-                _Shape(index, stroke=_curve(rng, start, angle, length), width=_thin_width(rng))
-            )
+        # Stems (long) and hair-like strokes (short, in tufts) growing out of the object.
+        stems = int(rng.integers(0, 4))
+        shapes += _radial_strokes(rng, index, centre, radius, stems, root=0.6, lengths=(0.6, 2.0))
         if rng.random() < 0.3:
-            for _ in range(int(rng.integers(5, 15))):
-                angle = rng.uniform(0, 2 * np.pi)
-                start = centre + 0.8 * radius * np.array([np.cos(angle), np.sin(angle)])
-                length = radius * rng.uniform(0.2, 0.6)
-                shapes.append(
-                    _Shape(index, stroke=_curve(rng, start, angle, length), width=_thin_width(rng))
-                )
+            hairs = int(rng.integers(5, 15))
+            shapes += _radial_strokes(
+                rng, index, centre, radius, hairs, root=0.8, lengths=(0.2, 0.6)
+            )
 
     # Wires: long thin curves across the scene, each an object of its own.
     for _ in range(int(rng.integers(1, 4))):
@@ -181,6 +173,31 @@ def _compose(rng: np.random.Generator, num_classes: int) -> tuple[list[_Region],
             )
         )
     return regions, shapes
+
+
+def _radial_strokes(
+    rng: np.random.Generator,
+    region: int,
+    centre: np.ndarray,
+    radius: float,
+    count: int,
+    *,
+    root: float,
+    lengths: tuple[float, float],
+) -> list[_Shape]:
+    """`count` thin curves leaving an object outwards from `root` x radius off its centre.
+
+    Lengths are drawn from `lengths`, in units of the object's radius.
+    """
+    strokes = []
+    for _ in range(count):
+        angle = rng.uniform(0, 2 * np.pi)
+        start = centre + root * radius * np.array([np.cos(angle), np.sin(angle)])
+        length = radius * rng.uniform(*lengths)
+        strokes.append(
+            _Shape(region, stroke=_curve(rng, start, angle, length), width=_thin_width(rng))
+        )
+    return strokes
 
 
 def _thin_width(rng: np.random.Generator) -> float:
