@@ -183,6 +183,9 @@ class ResNet(nn.Module):
       dilations: dilation of each stage's blocks after the first.
       first_dilations: dilation of each stage's first block; None = all 1 (the CascadePSP /
         CRM rule: the first block of a dilated stage is not dilated).
+      multi_grid: per-block dilation multipliers of the last stage (detectron2 DeepLab's
+        RES5_MULTI_GRID): block j of the last stage uses dilations[-1] * multi_grid[j],
+        first block included (first_dilations is then ignored for that stage). None = off.
       num_stages: how many stages to compute (CRM computes 3 and never runs layer4).
       stem: 'torchvision' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or 'deeplab'
         (three 3x3 convs 'conv1..3' with BN 'bn1..3', the first strided, width, width,
@@ -199,6 +202,7 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     first_dilations: Sequence[int] | None = None
+    multi_grid: Sequence[int] | None = None
     num_stages: int = 4
     stem: str = "torchvision"
     axis_name: str | None = None
@@ -242,14 +246,20 @@ class ResNet(nn.Module):
         if valid is not None:
             block_valid = tuple(conv_out_size(n, 3, 2, 1) for n in valid["stem"])
         first_dilations = self.first_dilations or (1,) * len(self.stage_sizes)
+        last = len(self.stage_sizes) - 1
+        if self.multi_grid is not None and len(self.multi_grid) != self.stage_sizes[last]:
+            raise ValueError(f"multi_grid={self.multi_grid} needs {self.stage_sizes[last]} entries")
         for i in range(self.num_stages):
             planes = self.width * 2**i
             for j in range(self.stage_sizes[i]):
                 stride = self.strides[i] if j == 0 else 1
+                dilation = first_dilations[i] if j == 0 else self.dilations[i]
+                if i == last and self.multi_grid is not None:
+                    dilation = self.dilations[i] * self.multi_grid[j]
                 block = self.block(
                     planes=planes,
                     stride=stride,
-                    dilation=first_dilations[i] if j == 0 else self.dilations[i],
+                    dilation=dilation,
                     downsample=j == 0
                     and (stride != 1 or in_features != planes * self.block.expansion),
                     axis_name=self.axis_name,
