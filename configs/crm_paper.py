@@ -1,0 +1,73 @@
+"""CRM, the paper's recipe (Shen et al., CVPR 2022): ResNet-50, batch 12, 45k steps.
+
+Data: the union of MSRA-10K, DUT-OMRON, ECSSD and FSS-1000 (pairs name.jpg + name.png; FSS
+as class/name.jpg + class/name.png) read by the local `refine_folder` TFDS builder; the
+backbone starts from torchvision's ImageNet ResNet-50 (mask channel zero-filled):
+
+    python train.py --config configs/crm_paper.py --workdir runs/crm_paper \
+      --config.dataset.builder_kwargs.folders=/data/MSRA10K,/data/DUT-OMRON,/data/ECSSD,/data/fss \
+      --config.dataset.data_dir=/data/tfds \
+      --config.init_from=/data/resnet50-0676ba61.pth
+    python evaluate.py --config configs/crm_paper.py --workdir runs/crm_paper \
+      --config.eval.folder=/data/BIG/test
+
+Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=host0:port,
+JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i (or --config.distributed=True on a cluster that
+jax.distributed.initialize() auto-detects); batch_size is the global batch.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # CRM constructor arguments (jax_refine.models.crm.CRM); paper / official checkpoint.
+    config.model = ml_collections.ConfigDict(dict(
+        depth=50,  # backbone ResNet depth
+        width=64,  # backbone base width
+        fusion_channels=(64, 64, 128),  # fusion branch widths for x1, x2, x3
+        latent_channels=256,
+        latent_level=1,  # 1 = latent at stride 2 (official)
+        hidden=(32, 32, 32, 32),  # decoder MLP
+        dropout_rate=0.5,
+    ))
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "refine_folder"  # 'synthetic' or a jax_refine.data.tfds builder
+    config.dataset.data_dir = ""  # TFDS build directory (required for builders)
+    config.dataset.config = ""  # builder config name ('' = the builder's default)
+    config.dataset.split = "train"
+    # Passed to the builder: comma-separated training folders.
+    config.dataset.builder_kwargs = ml_collections.ConfigDict(dict(folders=""))
+    config.dataset.min_size = 0  # synthetic only: scene side range
+    config.dataset.max_size = 0
+    # Training coarse masks: perturb_mask with target IoU ~ U[iou_range) (paper), or with
+    # probability lowres_prob coarse_from_lowres with a factor ~ U[lowres_factors].
+    config.dataset.coarse = ml_collections.ConfigDict(dict(
+        iou_range=(0.8, 1.0), lowres_prob=0.0, lowres_factors=(4.0, 16.0)))
+
+    config.crop_size = 224  # random crop side; the decoder is queried at every pixel
+    config.batch_size = 12  # global batch (all devices of all hosts)
+    config.total_steps = 45_000
+    config.learning_rate = 2.25e-4
+    # lr x lr_decay_factor at these fractions of total_steps (22,500 and 37,500 of 45,000).
+    config.lr_boundaries = (0.5, 37_500 / 45_000)
+    config.lr_decay_factor = 0.1
+    config.weight_decay = 1e-4  # L2 added to the gradient (torch Adam), not AdamW
+    config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay f32)
+    config.seed = 0
+
+    config.log_every = 50  # steps between TensorBoard writes
+    config.checkpoint_every = 2_500
+    config.keep_checkpoints = 3
+    config.export_every_checkpoint = False  # also refresh workdir/refiner at each checkpoint
+    config.init_from = ""  # Refiner checkpoint dir or torchvision ResNet .pth ('' = scratch)
+    config.distributed = False  # force jax.distributed.initialize() (cluster auto-detect)
+
+    # evaluate.py: a BIG-layout folder (name_im.jpg, name_gt.png, name_seg.png).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.folder = ""
+    config.eval.scales = (0.125, 0.25, 0.5, 1.0)  # multi-resolution Refiner schedule
+    config.eval.num_images = 0  # 0 = all
+    config.eval.num_pngs = 4  # side-by-side PNGs written
+    return config

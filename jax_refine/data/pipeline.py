@@ -1,0 +1,232 @@
+"""tf.data training pipelines. Example k of the run is a pure function of (seed, k).
+
+CRM pipeline (paper recipe, reference `dataset/` of CascadePSP/CRM), per example:
+load (image uint8 [H, W, 3], gt uint8 [H, W]) -> pad to at least crop x crop -> random crop
+and horizontal flip of image and mask together (one stateless seed) -> colour jitter of the
+image (brightness 0.2, contrast 0.05, saturation 0.05, torchvision semantics) and random
+grayscale (p = 0.1, torchvision's default) -> coarse mask = `perturb_mask(gt_crop, t)` with
+t ~ U[0.8, 1) (optionally mixed with `coarse_from_lowres`, see `CoarseSpec`) -> ImageNet
+normalisation, mask to [-1, 1], gt to {0, 1} float.
+
+Determinism and resume: the global example number k = step * batch_size + position seeds
+every random choice (stateless TF ops seeded with (seed, k); numpy Generators seeded with
+[seed, k, tag]). For a finite source, k maps to record perm_epoch[k % n] with epoch =
+k // n and perm_epoch a seeded permutation, so resuming at a step only means starting the
+index range there — there is no iterator state to save. Process p of P reads positions
+[p * B / P, (p + 1) * B / P) of every global batch (its slice for
+`jax.make_array_from_process_local_data`).
+
+Query coordinates are not shipped: the train step computes the crop's pixel-centre grid once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
+from jax_refine.data.synthetic import make_scene
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Training scene seeds start here; evaluation scenes use seeds below it (held out).
+TRAIN_SCENE_SEED_OFFSET = 1_000_000
+
+Loader = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def _tf():
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators
+    return tf
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+    """An endless stream of fresh synthetic scenes: example k renders its own scene.
+
+    Attributes:
+      seed: run seed.
+      min_size, max_size: scenes are square with a side drawn from [min_size, max_size].
+    """
+
+    seed: int
+    min_size: int = 448
+    max_size: int = 1024
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, k, 1])
+        size = int(rng.integers(self.min_size, self.max_size + 1))
+        scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
+        image, label = make_scene(scene, size, size)
+        return image, (label > 0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+    """A finite random-access source (e.g. a TFDS `as_data_source`) visited in seeded epochs.
+
+    Attributes:
+      records: sequence of dicts with 'image' uint8 [H, W, 3] and 'mask' uint8 [H, W(, 1)]
+        (nonzero / > 128 = foreground).
+      seed: permutation seed.
+    """
+
+    records: Sequence[dict[str, Any]]
+    seed: int
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.records)
+        epoch, offset = divmod(k, n)
+        perm = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
+        record = self.records[int(perm[offset])]
+        mask = np.asarray(record["mask"])
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        threshold = 128 if mask.max() > 1 else 0
+        return np.asarray(record["image"]), (mask > threshold).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- coarse masks
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseSpec:
+    """How training coarse masks are made from the GT crop.
+
+    Attributes:
+      iou_range: perturb_mask's target IoU ~ U[iou_range) (paper: [0.8, 1)).
+      lowres_prob: probability of using `coarse_from_lowres` instead (paper: 0).
+      lowres_factors: its downsampling factor ~ U[lowres_factors].
+    """
+
+    iou_range: tuple[float, float] = (0.8, 1.0)
+    lowres_prob: float = 0.0
+    lowres_factors: tuple[float, float] = (4.0, 16.0)
+
+    def make(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.random() < self.lowres_prob:
+            return coarse_from_lowres(gt, float(rng.uniform(*self.lowres_factors)), rng)
+        return perturb_mask(gt, float(rng.uniform(*self.iou_range)), rng)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def colour_jitter(tf: Any, image: Any, seeds: Any, brightness: float, contrast: float,
+                  saturation: float, grayscale_p: float) -> Any:
+    """torchvision ColorJitter + RandomGrayscale on float [H, W, 3] in [0, 1] (fixed order).
+
+    `seeds`: int32 [4, 2] stateless seeds.
+    """
+    def factor(seed, amount):
+        return tf.random.stateless_uniform([], seed, 1.0 - amount, 1.0 + amount)
+
+    def gray(x):
+        return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+    image = tf.clip_by_value(image * factor(seeds[0], brightness), 0.0, 1.0)
+    mean = tf.reduce_mean(gray(image))
+    image = tf.clip_by_value((image - mean) * factor(seeds[1], contrast) + mean, 0.0, 1.0)
+    g = gray(image)
+    image = tf.clip_by_value((image - g) * factor(seeds[2], saturation) + g, 0.0, 1.0)
+    to_gray = tf.random.stateless_uniform([], seeds[3]) < grayscale_p
+    return tf.cond(to_gray, lambda: tf.tile(gray(image), [1, 1, 3]), lambda: image)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrmAugment:
+    """The CRM training transform (see the module docstring). Attributes are the knobs."""
+
+    seed: int
+    crop: int = 224
+    brightness: float = 0.2
+    contrast: float = 0.05
+    saturation: float = 0.05
+    grayscale_p: float = 0.1
+    coarse: CoarseSpec = CoarseSpec()
+
+    def coarse_mask(self, gt: np.ndarray, k: np.int64) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(k), 3])
+        return self.coarse.make(gt, rng).astype(np.uint8)
+
+    def __call__(self, tf: Any, image: Any, gt: Any, k: Any) -> dict[str, Any]:
+        """image uint8 [H, W, 3], gt uint8 [H, W] {0, 1}, k int64 -> one training example."""
+        base = tf.stack([tf.constant(self.seed, tf.int64), k])
+        seeds = tf.random.experimental.stateless_split(tf.cast(base, tf.int64), 6)
+        seeds = tf.cast(seeds, tf.int32)
+        both = tf.concat([image, gt[..., None]], axis=-1)
+        h, w = tf.shape(both)[0], tf.shape(both)[1]
+        both = tf.pad(both, [[0, tf.maximum(self.crop - h, 0)],
+                             [0, tf.maximum(self.crop - w, 0)], [0, 0]])
+        # Image and mask share one crop and one flip (same stateless seeds).
+        both = tf.image.stateless_random_crop(both, [self.crop, self.crop, 4], seeds[0])
+        both = tf.image.stateless_random_flip_left_right(both, seeds[1])
+        rgb = tf.cast(both[..., :3], tf.float32) / 255.0
+        rgb = colour_jitter(tf, rgb, seeds[2:6], self.brightness, self.contrast,
+                            self.saturation, self.grayscale_p)
+        gt_crop = both[..., 3]
+        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k], tf.uint8, stateful=False)
+        coarse = tf.ensure_shape(coarse, [self.crop, self.crop])
+        mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
+        return {
+            "image": (rgb - mean) / std,
+            "mask": (tf.cast(coarse, tf.float32)[..., None] - 0.5) / 0.5,
+            "gt": tf.cast(gt_crop, tf.float32)[..., None],
+        }
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def crm_dataset(
+    loader: Loader,
+    augment: CrmAugment,
+    *,
+    global_batch_size: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+) -> Any:
+    """tf.data.Dataset of this process's local batches, starting at global step `start_step`.
+
+    Elements: {'image' [b, crop, crop, 3], 'mask' [b, crop, crop, 1], 'gt' [b, crop, crop, 1]}
+    float32 with b = global_batch_size / process_count.
+    """
+    tf = _tf()
+    if global_batch_size % process_count:
+        raise ValueError(f"batch size {global_batch_size} not divisible by {process_count} "
+                         f"processes")
+    local = global_batch_size // process_count
+    first = process_index * local
+
+    def indices(step):
+        start = step * global_batch_size + first
+        return tf.data.Dataset.range(start, start + local)
+
+    def load(k):
+        image, gt = tf.numpy_function(lambda i: loader(int(i)), [k], [tf.uint8, tf.uint8],
+                                      stateful=False)
+        return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(gt, [None, None]), k
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
+    ds = ds.flat_map(indices)
+    ds = ds.map(lambda k: augment(tf, *load(k)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(prefetch)
+
+
+def as_numpy(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Iterate a tf.data.Dataset as numpy dicts."""
+    return iter(ds.as_numpy_iterator())

@@ -1,0 +1,103 @@
+"""Training checkpoints (orbax CheckpointManager) and weight initialisation.
+
+A checkpoint step directory holds 'state' (the whole TrainState: params, batch_stats,
+opt_state, step, rng) and 'data' (JSON: the data position — the step and the seed, which
+determine every later example, see `jax_refine.data.pipeline`). Orbax writes to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint intact; the last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jax_refine.train.state import TrainState
+
+
+class Checkpointer:
+    """Save / restore TrainState and data position under `directory`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "data"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)
+            ),
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[TrainState, dict[str, Any]]:
+        """Restore step `step`; `abstract_state` gives shapes, dtypes and shardings."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["data"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _replace_subtree(tree: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
+    """Copy of `tree` with `new`'s leaves, checking that structures and shapes agree."""
+    old_shapes = jax.tree_util.tree_map(np.shape, tree)
+    new_shapes = jax.tree_util.tree_map(np.shape, new)
+    if old_shapes != new_shapes:
+        raise ValueError(f"init_from: {where} does not match the model "
+                         f"(structure or shapes differ)")
+    return jax.tree_util.tree_map(lambda o, n: np.asarray(n, dtype=o.dtype), tree, new)
+
+
+def load_init_variables(
+    path: str | Path, params: dict[str, Any], batch_stats: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """New (params, batch_stats) initialised from `path`.
+
+    `path` is either a Refiner checkpoint directory (`jax_refine.refine.save_checkpoint`,
+    e.g. a converted official CRM or an exported run: all weights) or a torchvision ResNet
+    state_dict file (.pth/.pt: backbone 'feats' only, mask channel zero-filled, as the paper's
+    ImageNet initialisation).
+    """
+    path = Path(path)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    batch_stats = jax.tree_util.tree_map(np.asarray, batch_stats)
+    if (path / "config.json").is_file():
+        from jax_refine.refine import load_checkpoint
+
+        _, variables = load_checkpoint(path)
+        return (_replace_subtree(params, variables["params"], f"{path} params"),
+                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+    if path.is_file():
+        import torch
+
+        from jax_refine.convert.resnet import resnet_from_torchvision
+
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        tree = resnet_from_torchvision(state_dict, in_channels=4, num_stages=3)
+        params = dict(params, feats=_replace_subtree(params["feats"], tree["params"],
+                                                     f"{path} backbone params"))
+        batch_stats = dict(batch_stats, feats=_replace_subtree(
+            batch_stats["feats"], tree["batch_stats"], f"{path} backbone batch_stats"))
+        return params, batch_stats
+    raise FileNotFoundError(f"init_from: {path} is neither a Refiner checkpoint directory "
+                            f"(with config.json) nor a torchvision state_dict file")

@@ -1,0 +1,106 @@
+"""The CRM train step: one `jax.jit` over a mesh, params replicated, batch sharded on 'data'.
+
+Under jit the computation is written for the *global* batch, so BatchNorm's batch mean and
+variance are over the global batch (synchronised BN) without any axis_name; XLA inserts the
+cross-device reductions. The training state is donated.
+
+Queries: the decoder is trained on every pixel centre of the crop. Their coordinates and
+cells are the same for every example, so they are computed once here (a constant folded
+into the program) instead of being shipped with each example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_refine import losses
+from jax_refine.ops import grid
+from jax_refine.train import mesh as mesh_lib
+from jax_refine.train.state import TrainState
+
+Batch = dict[str, Any]
+
+
+def crm_queries(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates [H*W, 2] and cells [H*W, 2] of a height x width crop."""
+    ys, xs = grid.pixel_centers(height), grid.pixel_centers(width)
+    coord = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    cell = np.broadcast_to(np.asarray([2 / height, 2 / width], np.float32), coord.shape)
+    return coord, np.ascontiguousarray(cell)
+
+
+def example_inputs(batch_size: int, crop: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of the model's inputs for a batch of crop x crop examples (for init)."""
+    f32 = jnp.float32
+    return {
+        "image": jax.ShapeDtypeStruct((batch_size, crop, crop, 3), f32),
+        "mask": jax.ShapeDtypeStruct((batch_size, crop, crop, 1), f32),
+        "coord": jax.ShapeDtypeStruct((batch_size, crop * crop, 2), f32),
+        "cell": jax.ShapeDtypeStruct((batch_size, crop * crop, 2), f32),
+    }
+
+
+def crm_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on batch {'image' [B,H,W,3], 'mask' [B,H,W,1] in [-1,1], 'gt' [B,H,W,1]}.
+
+    Returns the new state and scalar metrics (loss, its terms, lr, grad_norm).
+    """
+    image, mask, gt = batch["image"], batch["mask"], batch["gt"]
+    b, h, w, _ = image.shape
+    coord_np, cell_np = crm_queries(h, w)
+    coord = jnp.broadcast_to(jnp.asarray(coord_np), (b, *coord_np.shape))
+    cell = jnp.broadcast_to(jnp.asarray(cell_np), (b, *cell_np.shape))
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    dtype = model.dtype
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            image.astype(dtype), mask.astype(dtype), coord, cell,
+            train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+        )
+        total, terms = losses.crm_loss(logits.reshape(b, h, w, 1), gt)
+        return total, (terms, updates["batch_stats"])
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        **{f"loss_{k}": v for k, v in terms.items()},
+        "lr": schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def jit_train_step(
+    step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+    mesh: jax.sharding.Mesh,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """jit `step_fn(state, batch)`: state replicated and donated, batch sharded on 'data'."""
+    rep = mesh_lib.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(rep, mesh_lib.data_sharded(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
