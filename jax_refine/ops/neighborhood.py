@@ -1,0 +1,374 @@
+"""2D neighborhood attention with relative position bias (NATTEN 0.14.5 semantics).
+
+Layout: queries, keys and values are `[B, H, W, heads, D]`; attention logits and weights are
+`[B, H, W, heads, L*L]` with the neighbours of a query in row-major window order `ki*L + kj`.
+
+Window rule (NATTEN): every query sees exactly L*L real keys. Along one axis of length n, with
+dilation d, position i belongs to the residue class r = i mod d (m = i // d is its index inside
+the class, which has n_r = ceil((n - r) / d) members). The window is the 1D clamped window of
+that class: start(i) = r + d * clip(m - L//2, 0, n_r - L), keys start(i) + a*d for a < L.
+The bias of neighbour a sits at rpb index pb(i) + a, with
+pb(i) = L//2 + max(L//2 - m, 0) - max(m + L//2 - n_r + 1, 0).
+
+(Neighbour a of query i is the key at displacement (pb(i) + a - (L - 1)) * d.)
+
+Memory: nothing of size `[B, H, W, L*L, D]` is formed; the extra memory beyond the logits is
+O(B*H*W*heads*D). The q.k product is a tiled matmul per row offset (the keys of a tile of 16
+queries span 16 + (L-1)*d columns); the weighted sum of values is a fused sum of gathered
+planes per row offset; the transposed ("scatter") products of the backward pass are written as
+gathers too (see `_scatter_sum`). Gradients are exact and defined with `jax.custom_vjp`; only
+the inputs are saved as residuals.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["na2d_qk", "na2d_av", "window_start", "bias_start"]
+
+_TILE = 16  # queries per column tile in the q.k matmul.
+
+
+def window_start(length: int, kernel_size: int, dilation: int = 1) -> np.ndarray:
+    """First key index of each query's window along one axis (NATTEN `get_window_start`)."""
+    _check_axis(length, kernel_size, dilation, "length")
+    half = kernel_size // 2
+    i = np.arange(length)
+    r, m = i % dilation, i // dilation
+    n_r = (length - r + dilation - 1) // dilation
+    return r + dilation * np.clip(m - half, 0, n_r - kernel_size)
+
+
+def bias_start(length: int, kernel_size: int, dilation: int = 1) -> np.ndarray:
+    """First rpb index of each query's window along one axis (NATTEN `get_pb_start`)."""
+    _check_axis(length, kernel_size, dilation, "length")
+    half = kernel_size // 2
+    i = np.arange(length)
+    r, m = i % dilation, i // dilation
+    n_r = (length - r + dilation - 1) // dilation
+    return half + np.maximum(half - m, 0) - np.maximum(m + half - n_r + 1, 0)
+
+
+def _check_axis(length: int, kernel_size: int, dilation: int, name: str) -> None:
+    if kernel_size < 1 or kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size}.")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}.")
+    if length < kernel_size * dilation:
+        raise ValueError(
+            f"neighborhood attention needs {name} >= kernel_size * dilation = "
+            f"{kernel_size} * {dilation} = {kernel_size * dilation}, got {length}; "
+            "zero-pad the map first (the layers do this)."
+        )
+
+
+class _Axis(NamedTuple):
+    """Static index tables for one spatial axis (numpy, int32)."""
+
+    keys: np.ndarray  # [L, n]: key index of neighbour a of query i.
+    bias: np.ndarray  # [L, n]: rpb index of neighbour a of query i.
+    # Tiled matmul (q.k): query tiles of _TILE, key span per tile.
+    n_tiles: int
+    span: int
+    tile_keys: np.ndarray  # [n_tiles, span] key index of each span position (clipped).
+    tile_pick: np.ndarray  # [n_tiles, _TILE, L] span position of neighbour a of each query.
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_plan(length: int, kernel_size: int, dilation: int) -> _Axis:
+    L, d = kernel_size, dilation
+    start = window_start(length, L, d)
+    pb = bias_start(length, L, d)
+    offsets = np.arange(L)
+    keys = (start[None, :] + d * offsets[:, None]).astype(np.int32)
+    bias = (pb[None, :] + offsets[:, None]).astype(np.int32)
+    # Neighbour a of query i is the key at displacement (pb + a - (L - 1)) * d.
+    i = np.arange(length)
+    assert np.array_equal(keys, i[None, :] + (bias - (L - 1)) * d), "window rule mismatch"
+
+    n_tiles = -(-length // _TILE)
+    q_of_tile = np.minimum(np.arange(n_tiles * _TILE), length - 1).reshape(n_tiles, _TILE)
+    lo = start[q_of_tile].min(axis=1)
+    hi = start[q_of_tile].max(axis=1) + (L - 1) * d
+    span = int((hi - lo + 1).max())
+    span = min(span, length)
+    tile_lo = np.minimum(lo, length - span)
+    tile_keys = (tile_lo[:, None] + np.arange(span)[None, :]).astype(np.int32)
+    tile_pick = (keys.T[q_of_tile] - tile_lo[:, None, None]).astype(np.int32)
+    assert tile_pick.min() >= 0 and tile_pick.max() < span
+    return _Axis(keys, bias, n_tiles, span, tile_keys, tile_pick)
+
+
+def _check_inputs(name: str, x: jax.Array, kernel_size: int, dilation: int) -> None:
+    if x.ndim != 5:
+        raise ValueError(f"{name} must be [B, H, W, heads, D], got shape {x.shape}.")
+    _check_axis(x.shape[1], kernel_size, dilation, "height H")
+    _check_axis(x.shape[2], kernel_size, dilation, "width W")
+
+
+def _acc_dtype(*xs: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three products. `x`, `y`: [B, H, W, h, D]; `w`: [B, H, W, h, L*L].
+
+
+def _pairwise(x: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
+    """out[..., a*L+b] = x[i, j] . y[key_a(i), key_b(j)]  ->  [B, H, W, h, L*L] (float32+).
+
+    One scan step per row offset a: the rows key_a(i) of y are gathered, and for each tile of
+    _TILE query columns a small matmul against the span of key columns the tile needs is
+    followed by picking the L neighbours of each query out of the span.
+    """
+    B, H, W, h, D = x.shape
+    rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
+    acc = _acc_dtype(x, y)
+    nt, T = cols.n_tiles, _TILE
+    xt = jnp.pad(x, ((0, 0), (0, 0), (0, nt * T - W), (0, 0), (0, 0)))
+    xt = xt.reshape(B, H, nt, T, h, D)
+    pick = jnp.asarray(cols.tile_pick)[None, None, :, None, :, :]  # [1, 1, nt, 1, T, L]
+    tile_keys = jnp.asarray(cols.tile_keys)
+
+    def row_offset(row_keys):
+        y_rows = jnp.take(y, row_keys, axis=1)
+        y_tiles = jnp.take(y_rows, tile_keys, axis=2)  # [B, H, nt, S, h, D]
+        dense = jnp.einsum(
+            "bitxhd,bitshd->bithxs", xt, y_tiles, preferred_element_type=acc
+        )  # [B, H, nt, h, T, S]
+        return jnp.take_along_axis(dense, pick, axis=-1)  # [B, H, nt, h, T, L]
+
+    out = jax.lax.map(row_offset, jnp.asarray(rows.keys))  # [L(a), B, H, nt, h, T, L(b)]
+    out = out.transpose(1, 2, 3, 5, 4, 0, 6).reshape(B, H, nt * T, h, L * L)
+    return out[:, :, :W]
+
+
+def _weighted_sum(w: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
+    """out[i, j] = sum_ab w[i, j, ab] * y[key_a(i), key_b(j)]  ->  [B, H, W, h, D].
+
+    A loop over the row offsets a; the L column offsets of one step are a fused sum of
+    gathered planes.
+    """
+    B, H, W, h, D = y.shape
+    rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
+    acc = _acc_dtype(w, y)
+    row_keys = jnp.asarray(rows.keys)
+
+    def step(a, out):
+        y_rows = jnp.take(y, row_keys[a], axis=1).astype(acc)
+        w_a = jax.lax.dynamic_slice_in_dim(w, a * L, L, axis=-1).astype(acc)
+        for b in range(L):
+            out = out + w_a[..., b, None] * jnp.take(y_rows, cols.keys[b], axis=2)
+        return out
+
+    return jax.lax.fori_loop(0, L, step, jnp.zeros((B, H, W, h, D), acc))
+
+
+def _add_at(y: jax.Array, update: jax.Array, start, axis: int) -> jax.Array:
+    """y with `update` added to the slice of y starting at `start` along `axis` (in place)."""
+    current = jax.lax.dynamic_slice_in_dim(y, start, update.shape[axis], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(y, current + update, start, axis=axis)
+
+
+def _scatter_sum(w: jax.Array, x: jax.Array, L: int, d: int) -> jax.Array:
+    """Transpose of `_weighted_sum` in y: out[m] = sum over (i, j, ab) with key_ab(i, j) = m of
+    w[i, j, ab] * x[i, j]  ->  [B, H, W, h, D].
+
+    Separable: along one axis, the transpose of "take key start(i) + a*d" is "sum the queries
+    that share a window start" followed by a shift by a*d. Start s (of n - (L-1)*d) is used by
+    query s + (L//2)*d, and on the borders also by the clamped queries: the first (L//2)*d
+    queries (start = their residue, one of the first d starts) and the last (L//2)*d (start =
+    the last of their residue, one of the last d starts). So each shifted transpose is a
+    gather of the representative queries plus two small border blocks. A loop runs over the
+    row offsets a; the column offsets of one step are a fused sum of gathered planes.
+    """
+    B, H, W, h, D = x.shape
+    acc = _acc_dtype(w, x)
+    x = x.astype(acc)
+    half, band = L // 2, (L // 2) * d
+    H_s, W_s = H - (L - 1) * d, W - (L - 1) * d
+    # Column c gets, through offset b, the representative query c + (half - b)*d if valid.
+    c = np.arange(W)
+    col_src = [np.clip(c + (half - b) * d, 0, W - 1) for b in range(L)]
+    col_ok = [((c - b * d >= 0) & (c - b * d < W_s)).astype(np.float32) for b in range(L)]
+
+    def strip_sum(y: jax.Array, axis: int) -> jax.Array:
+        """[.., half*d, ..] -> [.., d, ..]: sum over the `half` clamped members of a residue."""
+        shape = list(y.shape)
+        shape[axis : axis + 1] = [half, d]
+        return y.reshape(shape).sum(axis)
+
+    def columns(w_a: jax.Array) -> jax.Array:
+        """sum_b (transposed column take b)(w_a[..., b] * x)  ->  [B, H, W, h, D]."""
+        plane = None
+        for b in range(L):
+            # Gather the product (not x alone, which XLA would hoist out of the loop).
+            term = jnp.take(w_a[..., b, None] * x, col_src[b], axis=2)
+            term = term * col_ok[b][:, None, None]
+            plane = term if plane is None else plane + term
+        if half:
+            for lo, first in ((0, 0), (W - band, W - L * d)):
+                edge = w_a[:, :, lo : lo + band, :, None, :] * x[:, :, lo : lo + band, :, :, None]
+                edge = strip_sum(edge, 2)  # [B, H, d, h, D, L(b)]
+                edge = jnp.moveaxis(edge, -1, 2).reshape(B, H, L * d, h, D)
+                plane = _add_at(plane, edge, first, axis=2)
+        return plane
+
+    def step(a, out):
+        w_a = jax.lax.dynamic_slice_in_dim(w, a * L, L, axis=-1).astype(acc)
+        plane = columns(w_a)
+        out = _add_at(out, plane[:, band : H - band], a * d, axis=1)
+        if half:
+            out = _add_at(out, strip_sum(plane[:, :band], 1), a * d, axis=1)
+            out = _add_at(out, strip_sum(plane[:, H - band :], 1), H_s - d + a * d, axis=1)
+        return out
+
+    return jax.lax.fori_loop(0, L, step, jnp.zeros((B, H, W, h, D), acc))
+
+
+def _bias_table(rpb: jax.Array, H: int, W: int, L: int, d: int) -> jax.Array:
+    """rpb [h, 2L-1, 2L-1] -> per-query bias [H, W, h, L*L]."""
+    rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
+    table = rpb[:, rows.bias.T[:, :, None, None], cols.bias.T[None, None, :, :]]
+    # [h, H, L(a), W, L(b)] -> [H, W, h, L*L]
+    return table.transpose(1, 3, 0, 2, 4).reshape(H, W, rpb.shape[0], L * L)
+
+
+def _bias_grad(g: jax.Array, L: int, d: int) -> jax.Array:
+    """Transpose of `_bias_table` (summed over the batch): [B, H, W, h, L*L] -> [h, 2L-1, 2L-1]."""
+    B, H, W, h, _ = g.shape
+    rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
+    n = 2 * L - 1
+    one_hot_r = np.zeros((H, L, n), np.float32)
+    one_hot_r[np.arange(H)[:, None], np.arange(L)[None, :], rows.bias.T] = 1.0
+    one_hot_c = np.zeros((W, L, n), np.float32)
+    one_hot_c[np.arange(W)[:, None], np.arange(L)[None, :], cols.bias.T] = 1.0
+    g = g.reshape(B, H, W, h, L, L)
+    acc = _acc_dtype(g)
+    t = jnp.einsum("nijhab,iae->jhbe", g, one_hot_r.astype(acc), preferred_element_type=acc)
+    return jnp.einsum("jhbe,jbf->hef", t, one_hot_c.astype(acc), preferred_element_type=acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wrappers.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _qk_rpb(query, key, rpb, L, d):
+    _, H, W, _, _ = query.shape
+    logits = _pairwise(query, key, L, d) + _bias_table(rpb, H, W, L, d).astype(_acc_dtype(rpb))
+    return logits.astype(jnp.result_type(query, key, rpb))
+
+
+def _qk_rpb_fwd(query, key, rpb, L, d):
+    return _qk_rpb(query, key, rpb, L, d), (query, key, rpb)
+
+
+def _qk_rpb_bwd(L, d, res, g):
+    query, key, rpb = res
+    d_query = _weighted_sum(g, key, L, d).astype(query.dtype)
+    d_key = _scatter_sum(g, query, L, d).astype(key.dtype)
+    d_rpb = _bias_grad(g, L, d).astype(rpb.dtype)
+    return d_query, d_key, d_rpb
+
+
+_qk_rpb.defvjp(_qk_rpb_fwd, _qk_rpb_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qk(query, key, L, d):
+    return _pairwise(query, key, L, d).astype(jnp.result_type(query, key))
+
+
+def _qk_fwd(query, key, L, d):
+    return _qk(query, key, L, d), (query, key)
+
+
+def _qk_bwd(L, d, res, g):
+    query, key = res
+    d_query = _weighted_sum(g, key, L, d).astype(query.dtype)
+    d_key = _scatter_sum(g, query, L, d).astype(key.dtype)
+    return d_query, d_key
+
+
+_qk.defvjp(_qk_fwd, _qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _av(attn, value, L, d):
+    return _weighted_sum(attn, value, L, d).astype(jnp.result_type(attn, value))
+
+
+def _av_fwd(attn, value, L, d):
+    return _av(attn, value, L, d), (attn, value)
+
+
+def _av_bwd(L, d, res, g):
+    attn, value = res
+    d_attn = _pairwise(g, value, L, d).astype(attn.dtype)
+    d_value = _scatter_sum(attn, g, L, d).astype(value.dtype)
+    return d_attn, d_value
+
+
+_av.defvjp(_av_fwd, _av_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def na2d_qk(
+    query: jax.Array,
+    key: jax.Array,
+    rpb: jax.Array | None,
+    kernel_size: int,
+    dilation: int = 1,
+) -> jax.Array:
+    """Neighborhood attention logits (NATTEN `natten2dqkrpb`).
+
+    Args:
+      query: `[B, H, W, heads, D]`, not scaled here (scale it before, as NATTEN's callers do).
+      key: `[B, H, W, heads, D]`.
+      rpb: relative position bias `[heads, 2L-1, 2L-1]`, or None for no bias.
+      kernel_size: odd window size L.
+      dilation: window dilation d; needs H, W >= L * d.
+
+    Returns:
+      `[B, H, W, heads, L*L]` logits, neighbour `ki*L + kj`; dtype of the inputs (float32
+      accumulation).
+    """
+    _check_inputs("query", query, kernel_size, dilation)
+    if key.shape != query.shape:
+        raise ValueError(f"key shape {key.shape} != query shape {query.shape}.")
+    if rpb is None:
+        return _qk(query, key, kernel_size, dilation)
+    n = 2 * kernel_size - 1
+    if rpb.shape != (query.shape[3], n, n):
+        raise ValueError(
+            f"rpb must be [heads, 2L-1, 2L-1] = {(query.shape[3], n, n)}, got {rpb.shape}."
+        )
+    return _qk_rpb(query, key, rpb, kernel_size, dilation)
+
+
+def na2d_av(attn: jax.Array, value: jax.Array, kernel_size: int, dilation: int = 1) -> jax.Array:
+    """Neighborhood attention output (NATTEN `natten2dav`).
+
+    Args:
+      attn: attention weights `[B, H, W, heads, L*L]` (usually a softmax of `na2d_qk`).
+      value: `[B, H, W, heads, D]`.
+      kernel_size: odd window size L.
+      dilation: window dilation d; needs H, W >= L * d.
+
+    Returns:
+      `[B, H, W, heads, D]`, sum over the window of weight * value (float32 accumulation).
+    """
+    _check_inputs("value", value, kernel_size, dilation)
+    expected = value.shape[:4] + (kernel_size * kernel_size,)
+    if attn.shape != expected:
+        raise ValueError(f"attn must have shape {expected}, got {attn.shape}.")
+    return _av(attn, value, kernel_size, dilation)
