@@ -199,6 +199,7 @@ class Refiner:
       bucket: array sides are rounded up to a multiple of this (None: exact shapes, one
         compilation per size). Results do not depend on it.
       chunk_queries: about this many queries are decoded per call (bounds memory).
+      band_rows: latent rows fused per step of the encoder's banded fusion (bounds memory).
       trace_count: how many times the jitted encoder/decoder were traced (compilations).
     """
 
@@ -209,11 +210,13 @@ class Refiner:
         *,
         bucket: int | None = 64,
         chunk_queries: int = 1 << 18,
+        band_rows: int = 32,
     ):
         self.model = model
         self.variables = {k: variables[k] for k in ("params", "batch_stats")}
         self.bucket = bucket
         self.chunk_queries = int(chunk_queries)
+        self.band_rows = int(band_rows)
         self.trace_count = 0
         self._encode = jax.jit(self._encode_impl, static_argnames=("length",))
         self._decode = jax.jit(self._decode_impl)
@@ -227,13 +230,19 @@ class Refiner:
     # -- jitted pieces (trace_count counts their traces) --
 
     def _encode_impl(self, variables, image, mask, sizes, *, length):
-        """Resize (padded full size sizes[0:2] -> sizes[2:4]), encode, project: [h, w, 32]."""
+        """Resize (padded full size sizes[0:2] -> sizes[2:4]), encode, project: [h, w, 32].
+
+        Uses `CRM.encode_project` (banded fusion, see `FusionHead.fuse_project`).
+        """
         self.trace_count += 1
         full, size = (sizes[0], sizes[1]), (sizes[2], sizes[3])
         image = resize_bilinear_dynamic(image, length, full, size, align_corners=True)
         mask = resize_bilinear_dynamic(mask, length, full, size, align_corners=True)
-        latent = self.model.apply(variables, image, mask, valid_size=size, method=CRM.encode)
-        return self.model.apply(variables, latent[0], method=CRM.project)
+        proj = self.model.apply(
+            variables, image, mask, valid_size=size, band_rows=self.band_rows,
+            method=CRM.encode_project,
+        )
+        return proj[0]
 
     def _decode_impl(self, variables, proj, rows, cols, rel_cell):
         self.trace_count += 1

@@ -124,6 +124,10 @@ class ImplicitDecoder(nn.Module):
         """[..., latent_channels] -> [..., hidden[0]]: W1_f . latent, once per latent cell."""
         return self.layers_0.project(latent)
 
+    def feature_kernel(self) -> Array:
+        """[latent_channels, hidden[0]]: the first layer's kernel rows for the feature."""
+        return self.layers_0.kernel[: self.latent_channels]
+
     def head(self, pre: Array) -> Array:
         """First-layer pre-activations [..., hidden[0]] -> logits [..., 1]."""
         x = nn.relu(pre)
@@ -295,50 +299,25 @@ class FusionHead(nn.Module):
       channels: output channels of the three level branches (64, 64, 128).
       features: latent channels after the 3x3 fusion conv (256).
       level: which level's size the branches are resized to (0, 1 or 2 = x1, x2, x3).
+      level_ratios: size ratio between consecutive levels (2, 2); bounds the rows a band
+        of `fuse_project` reads.
       dropout_rate: dropout after every branch and after the fusion conv (0.5).
     """
 
     channels: Sequence[int] = (64, 64, 128)
     features: int = 256
     level: int = 0
+    level_ratios: Sequence[int] = (2, 2)
     dropout_rate: float = 0.5
     axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(
-        self,
-        xs: Sequence[Array],
-        *,
-        train: bool = False,
-        valid_sizes: Sequence[tuple[Size, Size]] | None = None,
-    ) -> Array:
-        """xs: three [B, h_i, w_i, C_i] maps; valid_sizes: their valid sizes (bucketing)."""
-        outs = []
-        for x, tag, ch in zip(xs, BRANCH_TAGS, self.channels, strict=True):
-            y = _ConvBN(ch, self.axis_name, self.dtype, self.param_dtype, name=f"aspp1_{tag}")(
-                x, train=train
-            )
-            y = nn.relu(_bn(self, train, f"bn1_{tag}")(y))
-            outs.append(nn.Dropout(self.dropout_rate, deterministic=not train)(y))
-        target = outs[self.level]
-        length = target.shape[1:3]
-        resized = []
-        for i, y in enumerate(outs):
-            if i == self.level:
-                resized.append(y)
-            elif valid_sizes is None:
-                resized.append(resize.resize_bilinear(y, length, align_corners=True))
-            else:
-                resized.append(
-                    resize.resize_bilinear_dynamic(
-                        y, length, valid_sizes[i], valid_sizes[self.level], align_corners=True
-                    )
-                )
-        x = jnp.concatenate(resized, axis=-1)
-        x = resnet.mask_valid(x, None if valid_sizes is None else valid_sizes[self.level])
-        x = nn.Conv(
+    def setup(self):
+        for tag, ch in zip(BRANCH_TAGS, self.channels, strict=True):
+            setattr(self, f"aspp1_{tag}", _ConvBN(ch, self.axis_name, self.dtype, self.param_dtype))
+            setattr(self, f"bn1_{tag}", self._norm())
+        self.last_conv_0 = nn.Conv(
             self.features,
             (3, 3),
             padding=((1, 1), (1, 1)),
@@ -346,10 +325,199 @@ class FusionHead(nn.Module):
             kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name="last_conv_0",
-        )(x)
-        x = nn.relu(_bn(self, train, "last_conv_1")(x))
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        )
+        self.last_conv_1 = self._norm()
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def _norm(self) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            momentum=0.9,
+            epsilon=1e-5,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def branches(self, xs: Sequence[Array], *, train: bool) -> list[Array]:
+        """Per level: 1x1 conv -> BN -> ReLU -> BN -> ReLU -> Dropout."""
+        outs = []
+        for x, tag in zip(xs, BRANCH_TAGS, strict=True):
+            y = getattr(self, f"aspp1_{tag}")(x, train=train)
+            y = nn.relu(getattr(self, f"bn1_{tag}")(y, use_running_average=not train))
+            outs.append(self.dropout(y, deterministic=not train))
+        return outs
+
+    def __call__(
+        self,
+        xs: Sequence[Array],
+        *,
+        train: bool = False,
+        valid_sizes: Sequence[tuple[Size, Size]] | None = None,
+    ) -> Array:
+        """xs: three [B, h_i, w_i, C_i] maps; valid_sizes: their valid sizes (bucketing).
+
+        Returns the latent [B, h_level, w_level, features].
+        """
+        outs = self.branches(xs, train=train)
+        sizes = valid_sizes or [y.shape[1:3] for y in outs]
+        length = outs[self.level].shape[1:3]
+        resized = [
+            y if i == self.level else resize.resize_bilinear_dynamic(
+                y, length, sizes[i], sizes[self.level], align_corners=True
+            )
+            for i, y in enumerate(outs)
+        ]
+        x = jnp.concatenate(resized, axis=-1)
+        x = resnet.mask_valid(x, None if valid_sizes is None else sizes[self.level])
+        x = nn.relu(self.last_conv_1(self.last_conv_0(x), use_running_average=not train))
+        return self.dropout(x, deterministic=not train)
+
+    def fuse_project(
+        self,
+        xs: Sequence[Array],
+        project_kernel: Array,
+        *,
+        valid_sizes: Sequence[tuple[Size, Size]] | None = None,
+        band_rows: int = 32,
+    ) -> Array:
+        """`self(xs) @ project_kernel` in eval mode, computed in bands of rows (bounded memory).
+
+        Exact algebra, cheaper than the direct form: the fusion conv is linear, and a
+        channel mix commutes with the per-channel bilinear upsampling, so for every level
+        coarser than the target the 3x3 conv's nine channel mixes are applied at that
+        level's resolution and the results are upsampled (columns, then rows) with shifted
+        interpolation tables whose weights are zero outside the target's valid region (the
+        conv's zero padding). Levels at (or resized down to) the target resolution use the
+        direct convolution. Only `band_rows` target rows of 256-channel data exist at once.
+
+        Args:
+          xs: the three level features.
+          project_kernel: [features, P], the decoder's first-layer feature kernel.
+          valid_sizes: valid sizes of xs (bucketed inputs), as in __call__.
+          band_rows: latent rows computed per loop step.
+
+        Returns:
+          [B, h_level, w_level, P].
+        """
+        outs = self.branches(xs, train=False)
+        t = self.level
+        sizes = valid_sizes or [y.shape[1:3] for y in outs]
+        batch, height, width = outs[t].shape[:3]
+        kernel = self.last_conv_0.variables["params"]["kernel"].astype(self.dtype)
+        bounds = np.cumsum([0] + [y.shape[-1] for y in outs])
+        same, same_k, taps = [], [], []
+        for i, y in enumerate(outs):
+            k = kernel[:, :, bounds[i] : bounds[i + 1], :]
+            if i > t:
+                taps.append((y, sizes[i], int(np.prod(self.level_ratios[t:i])), k))
+                continue
+            if i < t:
+                y = resize.resize_bilinear_dynamic(
+                    y, (height, width), sizes[i], sizes[t], align_corners=True
+                )
+            same.append(resnet.mask_valid(y, sizes[t]))
+            same_k.append(k)
+        same_x = jnp.concatenate(same, axis=-1)
+        same_k = jnp.concatenate(same_k, axis=2)
+        n_bands = -(-height // band_rows)
+        total = n_bands * band_rows
+        same_x = jnp.pad(same_x, ((0, 0), (1, total - height + 1), (0, 0), (0, 0)))
+        tap_data = [
+            _TapBranch.build(y, size, sizes[t], ratio, k, band_rows, total, width)
+            for y, size, ratio, k in taps
+        ]
+
+        # Plain arrays for the loop body (Flax modules are not called inside lax loops).
+        bn = self.last_conv_1.variables
+        bn_mul = jax.lax.rsqrt(bn["batch_stats"]["var"] + self.last_conv_1.epsilon)
+        bn_mul = (bn_mul * bn["params"]["scale"]).astype(self.dtype)
+        bn_mean = bn["batch_stats"]["mean"].astype(self.dtype)
+        bn_bias = bn["params"]["bias"].astype(self.dtype)
+        project_kernel = project_kernel.astype(self.dtype)
+
+        def band(b: Array, out: Array) -> Array:
+            r0 = b * band_rows
+            rows = jax.lax.dynamic_slice_in_dim(same_x, r0, band_rows + 2, axis=1)
+            acc = jax.lax.conv_general_dilated(
+                rows,
+                same_k,
+                (1, 1),
+                ((0, 0), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            for tap in tap_data:
+                acc = acc + tap.band(r0, band_rows)
+            y = nn.relu((acc - bn_mean) * bn_mul + bn_bias)  # BatchNorm, Flax's formula
+            return jax.lax.dynamic_update_slice_in_dim(out, jnp.dot(y, project_kernel), r0, 1)
+
+        out = jnp.zeros((batch, total, width, project_kernel.shape[-1]), self.dtype)
+        out = jax.lax.fori_loop(0, n_bands, band, out)
+        return out[:, :height]
+
+
+class _TapBranch:
+    """A coarse level's share of the fusion conv, computed band by band (see fuse_project)."""
+
+    def __init__(self, src, rows, cols, kernel, src_rows, width):
+        self.src, self.rows, self.cols = src, rows, cols
+        self.kernel, self.src_rows, self.width = kernel, src_rows, width
+
+    @classmethod
+    def build(cls, y, size, target_size, ratio, kernel, band_rows, total, width):
+        src_rows = -(-(band_rows + 2) // ratio) + 3
+        src = jnp.pad(y, ((0, 0), (0, src_rows), (0, 0), (0, 0)))
+        rows = _shifted_tables(size[0], target_size[0], total)
+        cols = _shifted_tables(size[1], target_size[1], width)
+        c_in, c_out = kernel.shape[2], kernel.shape[3]
+        flat = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c_in, 9 * c_out)
+        return cls(src, rows, cols, flat, src_rows, width)
+
+    def band(self, r0: Array, band_rows: int) -> Array:
+        i0, i1, w0, w1 = self.rows
+        start = i0[r0]  # source row of target row r0 - 1 (or of row 0 when r0 = 0)
+        src = jax.lax.dynamic_slice_in_dim(self.src, start, self.src_rows, axis=1)
+        y = jnp.dot(src, self.kernel)
+        y = y.reshape(*y.shape[:-1], 3, 3, -1)  # [B, rows, w_src, dy, dx, C_out]
+        ci0, ci1, cw0, cw1 = self.cols
+        out = None
+        for dy in range(3):
+            z = None
+            for dx in range(3):
+                sl = slice(dx, dx + self.width)
+                t = y[..., dy, dx, :]
+                part = (
+                    jnp.take(t, ci0[sl], axis=2) * cw0[sl][:, None]
+                    + jnp.take(t, ci1[sl], axis=2) * cw1[sl][:, None]
+                )
+                z = part if z is None else z + part
+            r_i0 = jax.lax.dynamic_slice_in_dim(i0, r0 + dy, band_rows)
+            r_i1 = jax.lax.dynamic_slice_in_dim(i1, r0 + dy, band_rows)
+            r_w0 = jax.lax.dynamic_slice_in_dim(w0, r0 + dy, band_rows)[:, None, None]
+            r_w1 = jax.lax.dynamic_slice_in_dim(w1, r0 + dy, band_rows)[:, None, None]
+            r_i0 = jnp.clip(r_i0 - start, 0, self.src_rows - 1)
+            r_i1 = jnp.clip(r_i1 - start, 0, self.src_rows - 1)
+            part = jnp.take(z, r_i0, axis=1) * r_w0 + jnp.take(z, r_i1, axis=1) * r_w1
+            out = part if out is None else out + part
+        return out
+
+
+def _shifted_tables(in_size: Size, out_size: Size, length: int):
+    """align_corners=True interpolation tables for target positions -1 .. length.
+
+    Entry p describes target position p - 1; weights are zero outside [0, out_size) (the
+    3x3 conv's zero padding around the valid target region).
+    """
+    i0, i1, w0, w1 = resize.linear_weights(in_size, out_size, length + 1, align_corners=True)
+    pos = jnp.arange(length + 1)
+    inside = (pos < out_size).astype(jnp.float32)
+    zero_i = jnp.zeros((1,), jnp.int32)
+    zero_w = jnp.zeros((1,), jnp.float32)
+    return (
+        jnp.concatenate([zero_i, i0]),
+        jnp.concatenate([zero_i, i1]),
+        jnp.concatenate([zero_w, w0 * inside]),
+        jnp.concatenate([zero_w, w1 * inside]),
+    )
 
 
 # Encoder levels fused by CRM: x1 (stem, stride 2), x2 (layer1, stride 4), x3 (layer3, stride 8).
@@ -445,6 +613,32 @@ class CRM(nn.Module):
             sizes = resnet.feature_valid_sizes(valid_size, self.strides, 3)
             valid = [sizes[name] for name in LEVELS]
         return self.aspp_([feats[name] for name in LEVELS], train=train, valid_sizes=valid)
+
+    def encode_project(
+        self,
+        image: Array,
+        mask: Array,
+        *,
+        valid_size: tuple[Size, Size] | None = None,
+        band_rows: int = 32,
+    ) -> Array:
+        """`project(encode(image, mask))` in eval mode with bounded memory: [B, h, w, hidden[0]].
+
+        The fusion is computed in bands of `band_rows` latent rows (`FusionHead.fuse_project`),
+        so the 256-channel latent map never exists at full size.
+        """
+        x = jnp.concatenate([image, mask.astype(image.dtype)], axis=-1)
+        feats = self.feats(x, train=False, valid_size=valid_size)
+        valid = None
+        if valid_size is not None:
+            sizes = resnet.feature_valid_sizes(valid_size, self.strides, 3)
+            valid = [sizes[name] for name in LEVELS]
+        return self.aspp_.fuse_project(
+            [feats[name] for name in LEVELS],
+            self.imnet.feature_kernel(),
+            valid_sizes=valid,
+            band_rows=band_rows,
+        )
 
     def decode(self, latent: Array, coord: Array, cell: Array) -> Array:
         """Logits [B, Q, 1] at query coordinates coord [B, Q, 2] with cells cell [B, Q, 2]."""

@@ -1,0 +1,115 @@
+"""CRM model pieces: banded fusion, grid decoding and bucketing exactness (small models)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_refine.models.backbones import resnet
+from jax_refine.models.crm import CRM, grid_tables
+from jax_refine.ops import grid
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+    old = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    yield
+    jax.config.update("jax_default_matmul_precision", old)
+
+
+def small(level=1):
+    return CRM(depth=18, width=8, fusion_channels=(8, 8, 8), latent_channels=16,
+               latent_level=level, hidden=(8, 8))
+
+
+def apply(model, *args, **kwargs):
+    """model.apply, jitted (eager Flax is slow); method / band_rows / valid_size static."""
+    fn = jax.jit(model.apply, static_argnames=("method", "band_rows", "valid_size"))
+    return fn(*args, **kwargs)
+
+
+def init(model, h=37, w=53, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    image = jnp.asarray(rng.normal(size=(batch, h, w, 3)).astype(np.float32))
+    mask = jnp.asarray(rng.uniform(-1, 1, size=(batch, h, w, 1)).astype(np.float32))
+    q = jnp.zeros((1, 4, 2))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), image[:1], mask[:1], q, q)
+    # Non-trivial BatchNorm statistics.
+    stats = jax.tree_util.tree_map(
+        lambda x: x + jnp.asarray(rng.uniform(0.1, 0.5, x.shape), x.dtype),
+        variables["batch_stats"],
+    )
+    return {"params": variables["params"], "batch_stats": stats}, image, mask
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_banded_fusion_equals_direct_and_bucketing_is_exact(level):
+    model = small(level)
+    variables, image, mask = init(model)
+
+    @jax.jit
+    def direct(variables, image, mask):
+        latent = model.apply(variables, image, mask, method=CRM.encode)
+        return model.apply(variables, latent, method=CRM.project)
+
+    want = direct(variables, image, mask)
+    assert want.shape[1:3] == tuple(model.latent_size((37, 53)))
+    got = apply(model, variables, image, mask, band_rows=3, method=CRM.encode_project)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    # Bucketed input: filler (non-zero) beyond the valid block changes nothing.
+    pad = ((0, 0), (0, 27), (0, 11), (0, 0))
+    got = apply(model, variables, jnp.pad(image, pad, constant_values=5.0),
+                jnp.pad(mask, pad, constant_values=1.0), valid_size=(37, 53),
+                band_rows=32, method=CRM.encode_project)
+    h, w = want.shape[1:3]
+    np.testing.assert_allclose(np.asarray(got[:, :h, :w]), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_decode_grid_equals_decode():
+    model = small()
+    variables, image, mask = init(model, batch=1)
+    latent = apply(model, variables, image, mask, method=CRM.encode)
+    target = (45, 50)
+    coord = grid.coordinate_grid(*target).reshape(1, -1, 2)
+    cell = jnp.broadcast_to(jnp.asarray([2 / target[0], 2 / target[1]], jnp.float32), coord.shape)
+    want = apply(model, variables, latent, coord, cell, method=CRM.decode)
+    want = np.asarray(want).reshape(target)
+    h, w = latent.shape[1:3]
+    proj = apply(model, variables, latent[0], method=CRM.project)
+    rows = grid_tables(target[0], h, 0, 48)  # 3 filler rows
+    cols = grid_tables(target[1], w)
+    rel_cell = np.asarray([np.float32(2 / target[0]) * np.float32(h),
+                           np.float32(2 / target[1]) * np.float32(w)], np.float32)
+    got = apply(model, variables, proj, rows, cols, rel_cell, method=CRM.decode_grid)
+    assert got.shape == (48, 50)
+    np.testing.assert_allclose(np.asarray(got)[:45], want, atol=1e-5, rtol=0)
+
+
+def test_feature_valid_sizes_match_shapes():
+    model = resnet.ResNet18(width=4, in_channels=4, strides=(1, 2, 1, 2), num_stages=3)
+    x = jnp.zeros((1, 37, 53, 4))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    feats = apply(model, variables, x)
+    sizes = resnet.feature_valid_sizes((37, 53), (1, 2, 1, 2), 3)
+    for name, size in sizes.items():
+        assert feats[name].shape[1:3] == size, name
+
+
+def test_crm_defaults_and_errors():
+    assert CRM().depth == 50 and CRM().latent_level == 1
+    with pytest.raises(ValueError, match="latent_level"):
+        CRM(latent_level=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
+                                 jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 1, 2)),
+                                 jnp.zeros((1, 1, 2)))
+    with pytest.raises(ValueError, match="input channels"):
+        resnet.ResNet18(in_channels=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_parameter_count_of_the_paper_model():
+    shapes = jax.eval_shape(CRM().init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                            jnp.zeros((1, 32, 32, 1)), jnp.zeros((1, 4, 2)),
+                            jnp.zeros((1, 4, 2)))
+    n = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+    # The reference CRMNet has 24,265,697 parameters, 14,964,736 of them in the unused layer4.
+    assert n == 9_300_961
