@@ -4,6 +4,7 @@ Every public converter takes a state_dict (torch tensors or numpy arrays) and re
 Flax tree; unknown or missing keys raise `KeyMismatchError` listing them.
 """
 
+from jax_refine.convert.attention import pna_layer_params, restormer_block_params
 from jax_refine.convert.common import KeyMismatchError, StateDictReader, strip_module_prefix
 from jax_refine.convert.crm import crm_variables
 from jax_refine.convert.resnet import resnet_from_torchvision
@@ -14,4 +15,6 @@ __all__ = [
     "strip_module_prefix",
     "crm_variables",
     "resnet_from_torchvision",
+    "pna_layer_params",
+    "restormer_block_params",
 ]
