@@ -7,6 +7,13 @@ Flax tree; unknown or missing keys raise `KeyMismatchError` listing them.
 from jax_refine.convert.attention import pna_layer_params, restormer_block_params
 from jax_refine.convert.common import KeyMismatchError, StateDictReader, strip_module_prefix
 from jax_refine.convert.crm import crm_variables
+from jax_refine.convert.detectron2 import resnet_from_detectron2, unwrap_checkpoint
+from jax_refine.convert.pna import (
+    coarse_head_variables,
+    pna_config,
+    pna_head_params,
+    pna_variables,
+)
 from jax_refine.convert.resnet import resnet_from_torchvision
 
 __all__ = [
@@ -15,6 +22,12 @@ __all__ = [
     "strip_module_prefix",
     "crm_variables",
     "resnet_from_torchvision",
+    "resnet_from_detectron2",
+    "unwrap_checkpoint",
+    "coarse_head_variables",
+    "pna_config",
+    "pna_head_params",
+    "pna_variables",
     "pna_layer_params",
     "restormer_block_params",
 ]

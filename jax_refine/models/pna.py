@@ -1,0 +1,264 @@
+"""PNA — Progressive Neighborhood Aggregation (Liu, Wei, Zhang, AAAI 2023), NHWC Flax linen.
+
+Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
+
+* `deeplab_resnet(depth, ...)` — detectron2's `build_resnet_deeplab_backbone` as our
+  `ResNet`: DeepLab stem (three 3x3 convs 64-64-128, the first with stride 2; the "R-52" /
+  "R-103" ImageNet weights) or the torchvision 7x7 stem; bottlenecks with the stride in the
+  3x3 conv; output stride 32 / 16 / 8 by dilating res5 (and res4), and res5's multi-grid:
+  block j of res5 has dilation RES5_DILATION * multi_grid[j] (detectron2 DeepLab's
+  RES5_MULTI_GRID = (1, 2, 4)). The official DeepLabV3 configs use output stride 16
+  (res5 dilations 2, 4, 8); the official FPN configs output stride 32 with the same
+  multi-grid, so res5's blocks are dilated 1, 2, 4 at stride 32. `res_features` renames
+  `layer1..4` to `res2..res5`.
+* `PNAHead` — the progressive head: stages run res5 -> res2; stage f upsamples the previous
+  prediction (P0 = the coarse logits for the first stage) to F_f's size (PyTorch 'nearest'
+  = floor indexing, or bilinear with align_corners=False), embeds the features with the 1x1
+  conv `patch_embeds_{f}` (query, no bias) and the prediction with `value_embeds_{f}`
+  (value, no bias), runs `stages_{f}` (a `PNABlock` of `PNALayer`s: every layer gets the
+  ORIGINAL query, only the value is chained — the reference's quirk) and predicts with
+  `conv_seg_layers_{f}` (1x1, bias). Heads per stage = embed_dim // 32.
+* `PNASegmentor` — image normalisation, optional zero padding to `size_divisibility`,
+  backbone, coarse head (`models.heads`), PNA head; returns [P0, P1, P2, P3, P4].
+  Defaults: the official configs' PIXEL_MEAN (123.675, 116.280, 103.530) and PIXEL_STD
+  (58.395, 57.120, 57.375) on RGB images in [0, 255] (ImageNet mean/std x 255).
+  `final_logits` gives the reference's inference output (last stage x4 bilinear, cropped).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_refine.models.backbones.resnet import ResNet50, ResNet101
+from jax_refine.models.heads import c2_xavier_fill
+from jax_refine.ops.resize import resize_bilinear, resize_nearest
+
+Array = Any
+
+PIXEL_MEAN = (123.675, 116.280, 103.530)
+PIXEL_STD = (58.395, 57.120, 57.375)
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def deeplab_resnet(
+    depth: int = 50,
+    *,
+    stem: str = "deeplab",
+    output_stride: int = 16,
+    multi_grid: Sequence[int] | None = (1, 2, 4),
+    axis_name: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> nn.Module:
+    """detectron2's DeepLab ResNet (see the module docstring) as a `ResNet`.
+
+    Args:
+      depth: 50 or 101 ("R-52" / "R-103" with the DeepLab stem).
+      stem: 'deeplab' (3x3 x 3, 128 channels) or 'torchvision' (= detectron2 BasicStem).
+      output_stride: 32 (RES5_DILATION 1), 16 (RES5_DILATION 2) or 8 (res4 dilated 2, res5 4).
+      multi_grid: res5 per-block multipliers; None = all 1.
+      axis_name: BatchNorm statistics axis (SyncBN) in training.
+
+    Returns:
+      A `ResNet` whose output 'layer{i}' is detectron2's 'res{i+1}' (see `res_features`).
+    """
+    if depth not in (50, 101):
+        raise ValueError(f"depth must be 50 or 101, got {depth}")
+    settings = {
+        32: ((1, 2, 2, 2), (1, 1, 1, 1), (1, 1, 1, 1)),
+        16: ((1, 2, 2, 1), (1, 1, 1, 2), (1, 1, 1, 2)),
+        8: ((1, 2, 1, 1), (1, 1, 2, 4), (1, 1, 2, 4)),
+    }
+    if output_stride not in settings:
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    strides, dilations, first_dilations = settings[output_stride]
+    make = ResNet50 if depth == 50 else ResNet101
+    return make(
+        in_channels=3,
+        stem=stem,
+        strides=strides,
+        dilations=dilations,
+        first_dilations=first_dilations,
+        multi_grid=tuple(multi_grid) if multi_grid is not None else None,
+        axis_name=axis_name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+R52 = functools.partial(deeplab_resnet, 50)  # detectron2 "R-52": ResNet-50, DeepLab stem
+R103 = functools.partial(deeplab_resnet, 101)  # detectron2 "R-103": ResNet-101, DeepLab stem
+
+
+def res_features(features: Mapping[str, Array]) -> dict[str, Array]:
+    """{'layer1'..'layer4', ...} (our ResNet) -> {'res2'..'res5'}; res* dicts pass through."""
+    if "res5" in features:
+        return {f"res{k}": features[f"res{k}"] for k in range(2, 6)}
+    return {f"res{i + 1}": features[f"layer{i}"] for i in range(1, 5)}
+
+
+class PNABlock(nn.Module):
+    """`depth` PNALayers (`blocks_{i}`); each sees the original query, the value is chained.
+
+    Attributes:
+      dim: channels D of query and value.
+      num_heads: attention heads (D // 32 in PNA).
+      kernel_size: neighbourhood window L.
+      depth: number of layers (1 in PNA).
+      mlp_ratio: MLP hidden = int(D * mlp_ratio).
+      use_sa: use the self-aggregation module (Restormer block) as the shortcut.
+    Returns [B, H, W, D] for query and value [B, H, W, D].
+    """
+
+    dim: int
+    num_heads: int
+    kernel_size: int
+    depth: int = 1
+    mlp_ratio: float = 1.0
+    use_sa: bool = True
+
+    @nn.compact
+    def __call__(self, query: Array, value: Array) -> Array:
+        from jax_refine.layers import PNALayer
+
+        x = query
+        for i in range(self.depth):
+            x = PNALayer(
+                self.dim,
+                self.num_heads,
+                self.kernel_size,
+                self.mlp_ratio,
+                self.use_sa,
+                name=f"blocks_{i}",
+            )(query, value)
+            value = x
+        return x
+
+
+class PNAHead(nn.Module):
+    """The progressive refinement head (see the module docstring).
+
+    Attributes:
+      num_classes: classes K.
+      embed_dims: D per feature, in `in_features` order (res2..res5).
+      window_sizes: neighbourhood window per feature.
+      mlp_ratio: PNALayer MLP ratio (1).
+      upsample_mode: 'nearest' (PyTorch floor nearest) or 'bilinear' (align_corners=False).
+      use_sa: use the self-aggregation module in every layer.
+      in_features: feature names, high to low resolution.
+      depth: PNALayers per stage (1).
+    Called as head(coarse_logits [B, h5, w5, K], {'res2': [B, h2, w2, C2], ...}); returns
+    the stage logits [P1 (res5 size), P2 (res4), P3 (res3), P4 (res2)], each [B, h, w, K].
+    """
+
+    num_classes: int
+    embed_dims: Sequence[int] = (96, 192, 384, 768)
+    window_sizes: Sequence[int] = (9, 9, 9, 9)
+    mlp_ratio: float = 1.0
+    upsample_mode: str = "nearest"
+    use_sa: bool = True
+    in_features: Sequence[str] = ("res2", "res3", "res4", "res5")
+    depth: int = 1
+
+    @nn.compact
+    def __call__(
+        self, coarse_logits: Array, features: Mapping[str, Array], *, train: bool = False
+    ) -> list[Array]:
+        del train  # no dropout or batch statistics in the head
+        if self.upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}")
+        if not len(self.embed_dims) == len(self.window_sizes) == len(self.in_features):
+            raise ValueError("embed_dims, window_sizes and in_features must have equal lengths")
+        if coarse_logits.shape[-1] != self.num_classes:
+            raise ValueError(f"coarse logits have {coarse_logits.shape[-1]} classes, "
+                             f"expected {self.num_classes}")
+        value = coarse_logits
+        outs = []
+        for i in reversed(range(len(self.in_features))):
+            f, dim = self.in_features[i], self.embed_dims[i]
+            x = features[f]
+            size = x.shape[1:3]
+            if self.upsample_mode == "bilinear":
+                value = resize_bilinear(value, size, align_corners=False)
+            elif value.shape[1:3] != size:
+                value = resize_nearest(value, size)
+            query = nn.Conv(
+                dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, name=f"patch_embeds_{f}"
+            )(x)
+            value = nn.Conv(
+                dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, name=f"value_embeds_{f}"
+            )(value)
+            out = PNABlock(
+                dim,
+                dim // 32,
+                self.window_sizes[i],
+                self.depth,
+                self.mlp_ratio,
+                self.use_sa,
+                name=f"stages_{f}",
+            )(query, value)
+            pred = nn.Conv(
+                self.num_classes,
+                (1, 1),
+                kernel_init=nn.initializers.normal(0.001),
+                bias_init=nn.initializers.zeros,
+                name=f"conv_seg_layers_{f}",
+            )(out)
+            outs.append(pred)
+            value = pred
+        return outs
+
+
+class PNASegmentor(nn.Module):
+    """Backbone + coarse head + PNA head (the reference's `PNASemanticSegmentor`).
+
+    Attributes:
+      backbone: returns res2..res5 (or layer1..layer4, e.g. `deeplab_resnet(...)`).
+      coarse_head: a `models.heads` head: features -> P0.
+      pna_head: a `PNAHead`.
+      pixel_mean, pixel_std: per-channel normalisation of RGB [0, 255] images.
+      size_divisibility: zero-pad the normalised image at the bottom/right to a multiple of
+        this (the reference: 32 for FPN backbones, 0 = none for plain ResNets).
+      freeze_backbone_bn: FrozenBN — the backbone always uses its running statistics.
+    Called as model(images [B, H, W, 3], train=...); returns [P0, P1, P2, P3, P4] (logits
+    at their own strides of the padded image; P4 at stride 4).
+    """
+
+    backbone: nn.Module
+    coarse_head: nn.Module
+    pna_head: nn.Module
+    pixel_mean: Sequence[float] = PIXEL_MEAN
+    pixel_std: Sequence[float] = PIXEL_STD
+    size_divisibility: int = 0
+    freeze_backbone_bn: bool = False
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool = False) -> list[Array]:
+        if images.ndim != 4 or images.shape[-1] != len(self.pixel_mean):
+            channels = len(self.pixel_mean)
+            raise ValueError(f"images must be [B, H, W, {channels}], got {images.shape}")
+        mean = jnp.asarray(self.pixel_mean, images.dtype)
+        std = jnp.asarray(self.pixel_std, images.dtype)
+        x = (images - mean) / std
+        if self.size_divisibility > 1:
+            d = self.size_divisibility
+            h, w = x.shape[1:3]
+            x = jnp.pad(x, ((0, 0), (0, -h % d), (0, -w % d), (0, 0)))
+        features = res_features(self.backbone(x, train=train and not self.freeze_backbone_bn))
+        coarse = self.coarse_head(features, train=train)
+        return [coarse, *self.pna_head(coarse, features, train=train)]
+
+
+def final_logits(
+    stage_logits: Array, image_size: tuple[int, int], common_stride: int = 4
+) -> Array:
+    """The reference's inference output: upsample the last stage by `common_stride`
+    (bilinear, align_corners=False) and crop the padding away -> [B, H, W, K]."""
+    h, w = stage_logits.shape[1:3]
+    up = resize_bilinear(stage_logits, (h * common_stride, w * common_stride), False)
+    return up[:, : image_size[0], : image_size[1]]
