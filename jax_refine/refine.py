@@ -16,15 +16,19 @@ traced values or host-computed tables; only array *shapes* are bucketed:
   spatial convolution and the max-pool (`resnet.mask_valid`), which is exactly PyTorch's
   zero padding at the true border, so the valid block of every feature map equals the
   unpadded computation; the fusion resizes read only valid cells.
-* Decoder: queries are processed in blocks of R full rows (R * bucketed width ~
-  `chunk_queries`); per-row and per-column tables (nearest latent cell for each shift,
-  relative coordinate, coordinate) are computed on the host in float32 exactly as the
-  reference does; filler rows/columns are computed and cropped.
+* Decoder: queries are processed in calls of R full rows (R * bucketed width ~
+  `chunk_queries`), one row per loop step inside the call (the 32-wide MLP stays in cache);
+  the number of real rows is a traced value, so filler rows cost nothing; filler columns
+  (< bucket) are computed and cropped. Per-row and per-column tables (nearest latent cell
+  for each shift, relative coordinate, coordinate) are computed on the host in float32
+  exactly as the reference does.
 
 A second image whose padded size stays within the same buckets therefore triggers no new
 compilation and gives bit-for-bit the same result as an unbucketed run (`bucket=None`
-disables bucketing). Decoder memory is bounded by `chunk_queries` (with the factorised first
-layer each query gathers 4 x 32 values instead of 4 x 256).
+disables bucketing). Memory: the encoder's fusion runs in bands of latent rows
+(`CRM.encode_project`), so the 256-channel latent never exists at full size; the decoder
+needs its output plus one row's intermediates (with the factorised first layer each query
+gathers 4 x 32 values instead of 4 x 256).
 
 Checkpoint directory format (written by `save_checkpoint`, `python -m jax_refine.convert
 crm`, and later by training):
@@ -198,7 +202,8 @@ class Refiner:
       variables: its {'params', 'batch_stats'}.
       bucket: array sides are rounded up to a multiple of this (None: exact shapes, one
         compilation per size). Results do not depend on it.
-      chunk_queries: about this many queries are decoded per call (bounds memory).
+      chunk_queries: about this many queries are decoded per call (whole rows; the call's
+        memory is its output, since rows are decoded one at a time inside it).
       band_rows: latent rows fused per step of the encoder's banded fusion (bounds memory).
       trace_count: how many times the jitted encoder/decoder were traced (compilations).
     """
@@ -209,7 +214,7 @@ class Refiner:
         variables: dict[str, Any],
         *,
         bucket: int | None = 64,
-        chunk_queries: int = 1 << 18,
+        chunk_queries: int = 1 << 20,
         band_rows: int = 32,
     ):
         self.model = model
@@ -244,9 +249,13 @@ class Refiner:
         )
         return proj[0]
 
-    def _decode_impl(self, variables, proj, rows, cols, rel_cell):
+    def _decode_impl(self, variables, proj, rows, cols, rel_cell, num_rows):
+        """Probabilities [R, C] of the first num_rows rows (one row per loop step)."""
         self.trace_count += 1
-        logits = self.model.apply(variables, proj, rows, cols, rel_cell, method=CRM.decode_grid)
+        logits = self.model.apply(
+            variables, proj, rows, cols, rel_cell, rows_per_step=1, num_rows=num_rows,
+            method=CRM.decode_grid,
+        )
         return jax.nn.sigmoid(logits)
 
     # -- public API --
@@ -336,7 +345,6 @@ class Refiner:
         width = image_dev.shape[2]
         rows_per_chunk = max(1, self.chunk_queries // width)
         n_chunks = math.ceil(hp / rows_per_chunk)
-        # Round the number of chunks' rows to the row bucket so shapes repeat across images.
         r_idx, r_rel, r_coord = grid_tables(hp, h, 0, n_chunks * rows_per_chunk)
         cols = tuple(jnp.asarray(t) for t in grid_tables(wp, w, 0, width))
         rel_cell = np.asarray(
@@ -346,7 +354,8 @@ class Refiner:
         for k in range(n_chunks):
             sl = slice(k * rows_per_chunk, (k + 1) * rows_per_chunk)
             rows = (r_idx[:, sl], r_rel[:, sl], r_coord[sl])
-            outs.append(self._decode(self.variables, proj, rows, cols, rel_cell))
+            num_rows = np.int32(min(rows_per_chunk, hp - k * rows_per_chunk))
+            outs.append(self._decode(self.variables, proj, rows, cols, rel_cell, num_rows))
         prob = np.concatenate([np.asarray(o) for o in outs], axis=0)
         return prob[:hp, :wp]
 

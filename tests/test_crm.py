@@ -25,7 +25,8 @@ def small(level=1):
 
 def apply(model, *args, **kwargs):
     """model.apply, jitted (eager Flax is slow); method / band_rows / valid_size static."""
-    fn = jax.jit(model.apply, static_argnames=("method", "band_rows", "valid_size"))
+    static = ("method", "band_rows", "valid_size", "rows_per_step")
+    fn = jax.jit(model.apply, static_argnames=static)
     return fn(*args, **kwargs)
 
 
@@ -84,6 +85,10 @@ def test_decode_grid_equals_decode():
     got = apply(model, variables, proj, rows, cols, rel_cell, method=CRM.decode_grid)
     assert got.shape == (48, 50)
     np.testing.assert_allclose(np.asarray(got)[:45], want, atol=1e-5, rtol=0)
+    looped = apply(model, variables, proj, rows, cols, rel_cell, rows_per_step=1,
+                   num_rows=np.int32(45), method=CRM.decode_grid)
+    np.testing.assert_array_equal(np.asarray(looped)[:45], np.asarray(got)[:45])
+    np.testing.assert_array_equal(np.asarray(looped)[45:], 0)  # rows past num_rows: skipped
 
 
 def test_feature_valid_sizes_match_shapes():

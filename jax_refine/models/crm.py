@@ -177,6 +177,9 @@ class ImplicitDecoder(nn.Module):
         rows: tuple[Array, Array, Array],
         cols: tuple[Array, Array, Array],
         rel_cell: Array,
+        *,
+        rows_per_step: int | None = None,
+        num_rows: Any = None,
     ) -> Array:
         """Logits on a regular grid of queries (every pixel centre of a block of rows).
 
@@ -188,33 +191,70 @@ class ImplicitDecoder(nn.Module):
           rows: (index [2, R] int32, rel [2, R], coord [R]) for the row shifts -1, +1.
           cols: (index [2, C] int32, rel [2, C], coord [C]) for the column shifts -1, +1.
           rel_cell: [2] the cell size times (h, w).
+          rows_per_step: if set (it must divide R), rows are decoded this many at a time in
+            a loop, so the MLP's intermediates stay in cache (much faster on CPU: the
+            32-wide layers are memory-bound); None decodes all R rows at once.
+          num_rows: with rows_per_step, only the first num_rows rows (int or traced) are
+            decoded; the remaining rows of the result are zero (filler rows cost nothing).
 
         Returns:
           [R, C] logits.
         """
         kernel = self.layers_0.position_kernel().astype(proj.dtype)
         bias = self.layers_0.bias.astype(proj.dtype)
-        r_idx, r_rel, r_coord = rows
+        layers = [
+            getattr(self, f"layers_{2 * k}").variables["params"]
+            for k in range(1, len(self.hidden) + 1)
+        ]
+        layers = [(p["kernel"].astype(proj.dtype), p["bias"].astype(proj.dtype)) for p in layers]
         c_idx, c_rel, c_coord = cols
-        preds, areas = [], []
-        for a in range(2):
-            row_term = (
-                r_rel[a][:, None] * kernel[0]
-                + r_coord[:, None] * kernel[2]
-                + rel_cell[0] * kernel[4]
-                + bias
-            )
-            band = proj[r_idx[a]]  # [R, w, hidden]
-            for b in range(2):
-                col_term = (
-                    c_rel[b][:, None] * kernel[1]
-                    + c_coord[:, None] * kernel[3]
-                    + rel_cell[1] * kernel[5]
+        col_terms = [
+            c_rel[b][:, None] * kernel[1] + c_coord[:, None] * kernel[3] + rel_cell[1] * kernel[5]
+            for b in range(2)
+        ]
+
+        def block(r_idx: Array, r_rel: Array, r_coord: Array) -> Array:
+            preds, areas = [], []
+            for a in range(2):
+                row_term = (
+                    r_rel[a][:, None] * kernel[0]
+                    + r_coord[:, None] * kernel[2]
+                    + rel_cell[0] * kernel[4]
+                    + bias
                 )
-                pre = band[:, c_idx[b]] + row_term[:, None, :] + col_term[None, :, :]
-                preds.append(self.head(pre))
-                areas.append(jnp.abs(r_rel[a][:, None] * c_rel[b][None, :]) + AREA_EPS)
-        return _ensemble(preds, areas)[..., 0]
+                band = proj[r_idx[a]]  # [r, w, hidden]
+                for b in range(2):
+                    pre = band[:, c_idx[b]] + row_term[:, None, :] + col_terms[b][None, :, :]
+                    preds.append(_mlp_head(pre, layers))
+                    areas.append(jnp.abs(r_rel[a][:, None] * c_rel[b][None, :]) + AREA_EPS)
+            return _ensemble(preds, areas)[..., 0]
+
+        r_idx, r_rel, r_coord = rows
+        n = r_coord.shape[0]
+        if rows_per_step is None:
+            return block(r_idx, r_rel, r_coord)
+        if n % rows_per_step:
+            raise ValueError(f"rows_per_step={rows_per_step} must divide the {n} rows")
+        steps = n // rows_per_step if num_rows is None else -(-num_rows // rows_per_step)
+
+        def body(i: Array, out: Array) -> Array:
+            r0 = i * rows_per_step
+            take = lambda t: jax.lax.dynamic_slice_in_dim(t, r0, rows_per_step, axis=-1)
+            value = block(take(r_idx), take(r_rel), take(r_coord))
+            return jax.lax.dynamic_update_slice_in_dim(out, value.astype(out.dtype), r0, 0)
+
+        out = jnp.zeros((n, c_coord.shape[0]), proj.dtype)
+        return jax.lax.fori_loop(0, steps, body, out)
+
+
+def _mlp_head(pre: Array, layers: list[tuple[Array, Array]]) -> Array:
+    """ReLU(pre) -> (Dense -> ReLU)* -> Dense: the decoder MLP after its first layer."""
+    x = nn.relu(pre)
+    for k, (w, b) in enumerate(layers):
+        x = jnp.dot(x, w) + b
+        if k < len(layers) - 1:
+            x = nn.relu(x)
+    return x
 
 
 def _ensemble(preds: list[Array], areas: list[Array]) -> Array:
@@ -648,9 +688,13 @@ class CRM(nn.Module):
         """Latent [..., latent_channels] -> first-layer feature term [..., hidden[0]]."""
         return self.imnet.project(latent)
 
-    def decode_grid(self, proj, rows, cols, rel_cell) -> Array:
+    def decode_grid(
+        self, proj, rows, cols, rel_cell, *, rows_per_step=None, num_rows=None
+    ) -> Array:
         """Grid-query logits [R, C]; see `ImplicitDecoder.decode_grid`."""
-        return self.imnet.decode_grid(proj, rows, cols, rel_cell)
+        return self.imnet.decode_grid(
+            proj, rows, cols, rel_cell, rows_per_step=rows_per_step, num_rows=num_rows
+        )
 
     def __call__(
         self, image: Array, mask: Array, coord: Array, cell: Array, *, train: bool = False
