@@ -6,7 +6,8 @@ cross-device reductions. The training state is donated.
 
 Queries: the decoder is trained on every pixel centre of the crop. Their coordinates and
 cells are the same for every example, so they are computed once here (a constant folded
-into the program) instead of being shipped with each example.
+into the program) instead of being shipped with each example. (The regular-grid decoder
+`CRM.decode_grid` is mathematically the same but its gradient measured 1.5x slower on CPU.)
 """
 
 from __future__ import annotations
