@@ -15,7 +15,7 @@ Full-model key layout (detectron2 `PNASemanticSegmentor`) -> our tree:
     sem_seg_head.pna_head.patch_embeds.{f}.weight    -> pna_head/patch_embeds_{f}/kernel
     sem_seg_head.pna_head.value_embeds.{f}.weight    -> pna_head/value_embeds_{f}/kernel
     sem_seg_head.pna_head.stages.{f}.blocks.{i}.*    -> pna_head/stages_{f}/blocks_{i}/...
-                                                        (convert.pna_layer_params)
+                                                        (convert.attention.pna_layer_tree)
     sem_seg_head.pna_head.conv_seg_layers.{f}.*      -> pna_head/conv_seg_layers_{f}/{kernel,bias}
 
 mmsegmentation-named FCN / PSP heads (the reference's mmsegmentation branch; ConvModule =
@@ -32,6 +32,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from jax_refine.convert.attention import pna_layer_tree
 from jax_refine.convert.common import StateDictReader
 from jax_refine.convert.detectron2 import (
     conv_tree,
@@ -124,8 +125,6 @@ def _features(reader: StateDictReader, prefix: str) -> list[str]:
 
 def pna_head_tree(reader: StateDictReader, prefix: str = "") -> Tree:
     """PNA head keys under `prefix` -> params of `models.pna.PNAHead`."""
-    from jax_refine.convert import pna_layer_params
-
     params: Tree = {}
     features = _features(reader, prefix) or ["res2", "res3", "res4", "res5"]
     for f in features:
@@ -138,9 +137,7 @@ def pna_head_tree(reader: StateDictReader, prefix: str = "") -> Tree:
         if not blocks:
             reader.get(f"{prefix}stages.{f}.blocks.0.*")  # recorded as missing
         for i in blocks:
-            block_prefix = f"{prefix}stages.{f}.blocks.{i}."
-            sub = {k: reader.get(k) for k in reader.keys() if k.startswith(block_prefix)}
-            stage[f"blocks_{i}"] = pna_layer_params(sub, block_prefix)
+            stage[f"blocks_{i}"] = pna_layer_tree(reader, f"{prefix}stages.{f}.blocks.{i}.")
         params[f"stages_{f}"] = stage
     return params
 

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_refine.layers import PNALayer
 from jax_refine.models.backbones.resnet import ResNet50, ResNet101
 from jax_refine.models.heads import c2_xavier_fill
 from jax_refine.ops.resize import resize_bilinear, resize_nearest
@@ -121,11 +122,11 @@ class PNABlock(nn.Module):
     depth: int = 1
     mlp_ratio: float = 1.0
     use_sa: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, query: Array, value: Array) -> Array:
-        from jax_refine.layers import PNALayer
-
+    def __call__(self, query: Array, value: Array, *, deterministic: bool = True) -> Array:
         x = query
         for i in range(self.depth):
             x = PNALayer(
@@ -134,8 +135,10 @@ class PNABlock(nn.Module):
                 self.kernel_size,
                 self.mlp_ratio,
                 self.use_sa,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 name=f"blocks_{i}",
-            )(query, value)
+            )(query, value, deterministic=deterministic)
             value = x
         return x
 
@@ -152,6 +155,7 @@ class PNAHead(nn.Module):
       use_sa: use the self-aggregation module in every layer.
       in_features: feature names, high to low resolution.
       depth: PNALayers per stage (1).
+      dtype, param_dtype: computation and parameter dtypes.
     Called as head(coarse_logits [B, h5, w5, K], {'res2': [B, h2, w2, C2], ...}); returns
     the stage logits [P1 (res5 size), P2 (res4), P3 (res3), P4 (res2)], each [B, h, w, K].
     """
@@ -164,12 +168,15 @@ class PNAHead(nn.Module):
     use_sa: bool = True
     in_features: Sequence[str] = ("res2", "res3", "res4", "res5")
     depth: int = 1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
         self, coarse_logits: Array, features: Mapping[str, Array], *, train: bool = False
     ) -> list[Array]:
-        del train  # no dropout or batch statistics in the head
+        # (The reference's PNA layers have zero dropout: `train` changes nothing here.)
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}")
         if not len(self.embed_dims) == len(self.window_sizes) == len(self.in_features):
@@ -187,12 +194,11 @@ class PNAHead(nn.Module):
                 value = resize_bilinear(value, size, align_corners=False)
             elif value.shape[1:3] != size:
                 value = resize_nearest(value, size)
-            query = nn.Conv(
-                dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, name=f"patch_embeds_{f}"
-            )(x)
-            value = nn.Conv(
-                dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, name=f"value_embeds_{f}"
-            )(value)
+            embed = functools.partial(
+                nn.Conv, dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, **types
+            )
+            query = embed(name=f"patch_embeds_{f}")(x)
+            value = embed(name=f"value_embeds_{f}")(value)
             out = PNABlock(
                 dim,
                 dim // 32,
@@ -201,13 +207,15 @@ class PNAHead(nn.Module):
                 self.mlp_ratio,
                 self.use_sa,
                 name=f"stages_{f}",
-            )(query, value)
+                **types,
+            )(query, value, deterministic=not train)
             pred = nn.Conv(
                 self.num_classes,
                 (1, 1),
                 kernel_init=nn.initializers.normal(0.001),
                 bias_init=nn.initializers.zeros,
                 name=f"conv_seg_layers_{f}",
+                **types,
             )(out)
             outs.append(pred)
             value = pred
