@@ -322,6 +322,7 @@ _av.defvjp(_av_fwd, _av_bwd)
 # Public API.
 
 
+@functools.partial(jax.jit, static_argnames=("kernel_size", "dilation"))
 def na2d_qk(
     query: jax.Array,
     key: jax.Array,
@@ -355,6 +356,7 @@ def na2d_qk(
     return _qk_rpb(query, key, rpb, kernel_size, dilation)
 
 
+@functools.partial(jax.jit, static_argnames=("kernel_size", "dilation"))
 def na2d_av(attn: jax.Array, value: jax.Array, kernel_size: int, dilation: int = 1) -> jax.Array:
     """Neighborhood attention output (NATTEN `natten2dav`).
 
