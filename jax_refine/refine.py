@@ -24,11 +24,14 @@ traced values or host-computed tables; only array *shapes* are bucketed:
   exactly as the reference does.
 
 A second image whose padded size stays within the same buckets therefore triggers no new
-compilation and gives bit-for-bit the same result as an unbucketed run (`bucket=None`
-disables bucketing). Memory: the encoder's fusion runs in bands of latent rows
-(`CRM.encode_project`), so the 256-channel latent never exists at full size; the decoder
-needs its output plus one row's intermediates (with the factorised first layer each query
-gathers 4 x 32 values instead of 4 x 256).
+compilation and gives the same result as an unbucketed run (`bucket=None` disables
+bucketing): the same float32 operations on the same values, up to ~1 ulp where XLA
+vectorises arrays of other widths differently.
+
+Memory: the encoder's fusion runs in bands of latent rows (`CRM.encode_project`), so the
+256-channel latent never exists at full size; the decoder needs its output plus one row's
+intermediates (with the factorised first layer each query gathers 4 x 32 values instead of
+4 x 256).
 
 Checkpoint directory format (written by `save_checkpoint`, `python -m jax_refine.convert
 crm`, and later by training):

@@ -87,7 +87,7 @@ def test_decode_grid_equals_decode():
     np.testing.assert_allclose(np.asarray(got)[:45], want, atol=1e-5, rtol=0)
     looped = apply(model, variables, proj, rows, cols, rel_cell, rows_per_step=1,
                    num_rows=np.int32(45), method=CRM.decode_grid)
-    np.testing.assert_array_equal(np.asarray(looped)[:45], np.asarray(got)[:45])
+    np.testing.assert_allclose(np.asarray(looped)[:45], np.asarray(got)[:45], atol=1e-6)
     np.testing.assert_array_equal(np.asarray(looped)[45:], 0)  # rows past num_rows: skipped
 
 

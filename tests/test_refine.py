@@ -120,7 +120,8 @@ def test_nearby_sizes_reuse_compilation_and_match_unbucketed(small):
         got = refiner.refine(image, mask, SCALES)
         assert refiner.trace_count == traces, f"{size} triggered a new compilation"
         exact = Refiner(*small, bucket=None).refine(image, mask, SCALES)
-        np.testing.assert_array_equal(got, exact)
+        # Same arithmetic; XLA may vectorise other array widths differently (~1 ulp).
+        np.testing.assert_allclose(got, exact, atol=1e-6, rtol=0)
 
 
 def test_default_schedule_runs(refiner):
