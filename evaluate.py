@@ -1,0 +1,43 @@
+"""Evaluate a trained CRM: `python evaluate.py --config configs/crm_synthetic.py --workdir DIR`.
+
+Uses DIR/refiner (or `--checkpoint` of the Refiner format); data from config.eval (a BIG
+folder, or held-out synthetic scenes). Writes metrics.json and side-by-side PNGs to
+DIR/eval (or --out), and prints a markdown table.
+"""
+
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jax_refine.train.evaluate import evaluate, markdown_table
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (uses WORKDIR/refiner).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A Refiner checkpoint directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not (_WORKDIR.value or _CHECKPOINT.value):
+        raise app.UsageError("give --workdir or --checkpoint")
+    logging.set_verbosity(logging.WARNING)
+    checkpoint = _CHECKPOINT.value or Path(_WORKDIR.value) / "refiner"
+    out = _OUT.value or (Path(_WORKDIR.value) / "eval" if _WORKDIR.value else "eval_out")
+    e = _CONFIG.value.eval
+    results = evaluate(
+        checkpoint, out, folder=e.folder, scales=tuple(e.scales), num_images=e.num_images,
+        num_pngs=e.num_pngs, synthetic_size=e.get("synthetic_size", 2048),
+    )
+    print(markdown_table(results))
+    for r in results.values():
+        for png in r["pngs"]:
+            print(png)
+    print(f"metrics: {Path(out) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

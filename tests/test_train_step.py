@@ -1,0 +1,129 @@
+"""Optimisers, the sharded train step (8 forced CPU devices vs 1), BatchNorm over the global
+batch, and the decoder query grid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_refine.train import optim, step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_crm_optimizer_matches_torch_adam_weight_decay():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(6)]
+    # 6 steps, boundaries at 2 and 4 (fractions 1/3, 2/3).
+    tx, schedule = optim.crm_optimizer(0.1, 6, (1 / 3, 2 / 3), 0.1, weight_decay=0.05)
+    params = {"w": jnp.asarray(w0)}
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch.optim.Adam([tw], lr=0.1, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2, 4], 0.1)
+    for g in grads:
+        tw.grad = torch.from_numpy(g.copy())
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), tw.detach().numpy(), atol=1e-5)
+    assert [float(schedule(s)) for s in (0, 1, 2, 3, 4, 5)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_paper_boundaries():
+    assert optim.piecewise_boundaries(45_000, (0.5, 37_500 / 45_000)) == [22_500, 37_500]
+
+
+def test_pna_optimizer_labels_clipping_and_schedule():
+    params = {"backbone": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(3)}}
+    tx, schedule = optim.pna_optimizer(1e-2, 10, weight_decay=0.0, clip_norm=0.01,
+                                       backbone_multiplier=0.1)
+    state = tx.init(params)
+    grads = {"backbone": {"w": jnp.full(3, 100.0)}, "head": {"w": jnp.full(3, 100.0)}}
+    updates, _ = tx.update(grads, state, params)
+    # Adam's first step moves by ~lr regardless of the gradient scale; the backbone 10x less.
+    np.testing.assert_allclose(np.asarray(updates["head"]["w"]), -1e-2, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(updates["backbone"]["w"]), -1e-3, rtol=1e-3)
+    clipped, _ = optax.clip_by_global_norm(0.01).update(grads, optax.EmptyState())
+    assert float(optax.global_norm(clipped)) == pytest.approx(0.01, rel=1e-5)
+    assert float(schedule(0)) == pytest.approx(1e-2)
+    assert float(schedule(5)) == pytest.approx(1e-2 * 0.5 ** 0.9, rel=1e-5)
+    assert float(schedule(10)) == 0.0
+    labels = optim.backbone_label_fn()(params)
+    assert labels == {"backbone": {"w": "backbone"}, "head": {"w": "head"}}
+
+
+def test_query_grid_matches_pixel_centres():
+    coord, cell = step.crm_queries(4, 6)
+    assert coord.shape == (24, 2) and cell.shape == (24, 2)
+    np.testing.assert_allclose(coord[0], [-0.75, -1 + 1 / 6], atol=1e-7)
+    np.testing.assert_allclose(coord[7], [-0.25, -1 + 3 / 6], atol=1e-7)  # row 1, col 1
+    np.testing.assert_allclose(cell[0], [0.5, 1 / 3])
+
+
+_EIGHT_DEVICES = textwrap.dedent(
+    """
+    import functools, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from train_helpers import tiny_config
+    from jax_refine.train import loop, mesh as mesh_lib, optim, step as step_lib
+    from jax_refine.train.state import create_state
+    from jax_refine.data import pipeline
+
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_config()
+    model = loop.build_model(config)
+    tx, schedule = optim.crm_optimizer(1e-3, 10)
+    init = jax.jit(functools.partial(create_state, model, tx,
+                                     example=step_lib.example_inputs(1, config.crop_size)))
+    ds = pipeline.crm_dataset(loop.build_loader(config), loop.build_augment(config),
+                              global_batch_size=8)
+    local = next(pipeline.as_numpy(ds))
+    fn = functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule)
+    out = {{}}
+    for n in (1, 8):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",),
+                                 axis_types=(jax.sharding.AxisType.Auto,))
+        state = jax.device_put(init(jax.random.key(0)), mesh_lib.replicated(mesh))
+        batch = mesh_lib.global_batch(mesh, local)
+        assert len(batch["image"].sharding.device_set) == n
+        train_step = step_lib.jit_train_step(fn, mesh)
+        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch)
+        out[n] = jax.device_get((state.params, state.batch_stats, metrics))
+    for a, b in zip(jax.tree_util.tree_leaves(out[1]), jax.tree_util.tree_leaves(out[8])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # BatchNorm statistics are those of the global batch: the 8-device run (1 example per
+    # device) equals the 1-device run; check one running mean moved from its init.
+    stem_mean = out[8][1]["feats"]["bn1"]["mean"]
+    assert np.abs(stem_mean).max() > 0
+    print("OK", float(out[1][2]["loss"]), float(out[8][2]["loss"]))
+    """
+)
+
+
+def run_forced_devices(code: str, devices: int, timeout: int = 600) -> str:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_eight_devices_match_one_device():
+    out = run_forced_devices(_EIGHT_DEVICES.format(tests=os.path.join(ROOT, "tests")), 8)
+    assert "OK" in out

@@ -1,0 +1,51 @@
+"""Shared helpers of the training tests: a tiny CRM config (fast on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model.depth": 18,
+    "model.width": 8,
+    "model.fusion_channels": (8, 8, 8),
+    "model.latent_channels": 16,
+    "model.hidden": (8, 8, 8, 8),
+    "dataset.min_size": 48,
+    "dataset.max_size": 80,
+    "crop_size": 32,
+    "batch_size": 8,
+    "total_steps": 6,
+    "checkpoint_every": 2,
+    "log_every": 1,
+}
+
+
+def load_config(name: str = "crm_synthetic"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(**overrides):
+    config = load_config()
+    for key, value in {**TINY, **overrides}.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def tiny_flags(**overrides) -> list[str]:
+    """The TINY overrides as train.py command-line flags."""
+    out = []
+    for key, value in {**TINY, **overrides}.items():
+        if isinstance(value, tuple):
+            value = "(" + ",".join(str(v) for v in value) + ",)"
+        out.append(f"--config.{key}={value}")
+    return out
