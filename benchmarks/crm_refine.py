@@ -64,7 +64,8 @@ def worker_torch(args) -> dict:
     torch.set_num_threads(args.threads)
     image, mask = scene(*args.size)
     model = mirror.CRMNet().eval()
-    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     start = time.perf_counter()
     prob = mirror.refine_multiscale(model, *mirror.normalise(image, mask), scales=SCALES)
     seconds = time.perf_counter() - start
