@@ -20,7 +20,8 @@ through /proc/self/clear_refs) during the first run, minus the resident set just
 residuals, temporaries), the same way for JAX and PyTorch. For JAX the compiled executable's
 own figure (XLA memory_analysis: temporaries + outputs) is printed too. Times are the median
 of `--repeats` further runs. Baselines whose gathered tensors (k and v neighbourhoods and
-their gradients) would exceed `--max-gather-gb` are skipped.
+their gradients) would exceed `--max-gather-gb` (`--max-torch-gb` for the slow torch one) are
+skipped.
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64^2 and 128^2 at 12 heads, L=9")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gather-gb", type=float, default=10.0)
+    parser.add_argument(
+        "--max-torch-gb", type=float, default=2.5, help="the same limit for the (slow) torch run"
+    )
     parser.add_argument("--sizes", type=int, nargs="*", help="only these map sizes")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "SIZE", "HEADS", "L"))
     args = parser.parse_args()
@@ -208,7 +212,7 @@ def main() -> None:
             label = f"{size:>4}^2 {heads:>5} {kernel:>2} {impl:>6} |"
             if impl == "ours":
                 r = ours
-            elif gathered_gb * 2 > args.max_gather_gb:  # with the backward's copies
+            elif gathered_gb * 2 > (args.max_torch_gb if impl == "torch" else args.max_gather_gb):
                 print(f"{label} skipped (gathered tensors ~{gathered_gb * 2:.0f} GB)")
                 continue
             else:
