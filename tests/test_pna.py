@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from jax_refine import convert  # noqa: E402
 from jax_refine.convert.common import KeyMismatchError  # noqa: E402
 from jax_refine.models import heads  # noqa: E402
+from jax_refine.models.backbones.resnet import Bottleneck, ResNet  # noqa: E402
 from jax_refine.models.pna import (  # noqa: E402
     PNAHead,
     PNASegmentor,
@@ -67,15 +68,20 @@ def test_pna_head_parity_odd_sizes(upsample_mode, embed_dims, windows):
     jfeats = {n: jnp.asarray(v) for n, v in feats.items()}
     init = jax.eval_shape(head.init, jax.random.PRNGKey(0), jnp.asarray(coarse), jfeats)
     assert tree_shapes(params) == tree_shapes(init["params"])
-    got = head.apply({"params": params}, jnp.asarray(coarse), jfeats)
+    got = jax.jit(head.apply)({"params": params}, jnp.asarray(coarse), jfeats)
     assert len(got) == 4
     for stage, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == nhwc(w).shape
         assert max_err(g, nhwc(w)) <= TOL, f"P{stage + 1}"
 
 
-def _pna_mirror(kind: str, num_classes: int, windows, upsample_mode: str, image):
-    backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=2 if kind == "deeplabv3" else 1)
+SMALL = (1, 1, 2, 3)  # blocks per stage of the reduced-depth backbone (res5 keeps 3 for
+# the multi-grid)
+
+
+def _pna_mirror(kind: str, num_classes: int, windows, upsample_mode: str, image, blocks=None):
+    res5_dilation = 2 if kind == "deeplabv3" else 1
+    backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=res5_dilation, blocks=blocks)
     pna = tp.PNAHead((256, 512, 1024, 2048), num_classes, window_sizes=windows,
                      upsample_mode=upsample_mode)
     if kind == "deeplabv3":
@@ -87,22 +93,25 @@ def _pna_mirror(kind: str, num_classes: int, windows, upsample_mode: str, image)
 
 
 @pytest.mark.parametrize(
-    "kind, size, windows, upsample_mode",
-    [("deeplabv3", (61, 75), (9, 9, 9, 9), "nearest"), ("semantic_fpn", (50, 70), (7,) * 4,
-                                                        "bilinear")],
+    "kind, size, windows, upsample_mode, blocks",
+    [
+        ("deeplabv3", (61, 75), (9, 9, 9, 9), "nearest", None),  # R-52, output stride 16
+        ("semantic_fpn", (50, 70), (7,) * 4, "bilinear", SMALL),  # padded to 64 x 96
+    ],
 )
-def test_pna_segmentor_parity_full_checkpoint(kind, size, windows, upsample_mode):
+def test_pna_segmentor_parity_full_checkpoint(kind, size, windows, upsample_mode, blocks):
     k = 5
     images = np.random.default_rng(0).uniform(0, 255, (1, *size, 3)).astype(np.float32)
     calib = np.random.default_rng(1).uniform(0, 255, (2, *size, 3)).astype(np.float32)
-    mirror = _pna_mirror(kind, k, windows, upsample_mode, calib)
+    mirror = _pna_mirror(kind, k, windows, upsample_mode, calib, blocks)
     with torch.no_grad():
         want, want_final = mirror(nchw(images))
     state_dict = {"model": mirror.state_dict(), "__author__": "test"}
 
     config = convert.pna_config(state_dict)
     assert config == {
-        "coarse_head": kind, "depth": 50, "stem": "deeplab", "num_classes": k,
+        "coarse_head": kind, "depth": 50 if blocks is None else blocks[2], "stem": "deeplab",
+        "num_classes": k,
         "embed_dims": (96, 192, 384, 768), "window_sizes": windows, "use_sa": True,
     }
     variables = convert.pna_variables(state_dict)
@@ -110,7 +119,7 @@ def test_pna_segmentor_parity_full_checkpoint(kind, size, windows, upsample_mode
         backbone, coarse, divisibility = deeplab_resnet(50, output_stride=16), \
             heads.DeepLabV3Head(k), 0
     else:
-        backbone, coarse, divisibility = deeplab_resnet(50, output_stride=32), \
+        backbone, coarse, divisibility = deeplab_resnet(50, output_stride=32, stage_sizes=SMALL), \
             heads.SemanticFPNHead(k), 32
     model = PNASegmentor(
         backbone, coarse, PNAHead(k, window_sizes=windows, upsample_mode=upsample_mode),
@@ -146,8 +155,9 @@ def test_pna_variables_lists_missing_and_unknown_keys():
 
 def test_pna_segmentor_train_step_shapes_and_frozen_bn():
     k = 3
+    backbone = ResNet(Bottleneck, (1, 1, 1, 1), width=16, stem="deeplab")
     model = PNASegmentor(
-        deeplab_resnet(50, output_stride=32),
+        backbone,
         heads.FCNHead(k, channels=64),
         PNAHead(k, embed_dims=(32, 32, 64, 64), window_sizes=(3, 3, 3, 3), use_sa=False),
         freeze_backbone_bn=True,

@@ -53,6 +53,7 @@ def deeplab_resnet(
     output_stride: int = 16,
     multi_grid: Sequence[int] | None = (1, 2, 4),
     axis_name: str | None = None,
+    stage_sizes: Sequence[int] | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
 ) -> nn.Module:
@@ -64,6 +65,7 @@ def deeplab_resnet(
       output_stride: 32 (RES5_DILATION 1), 16 (RES5_DILATION 2) or 8 (res4 dilated 2, res5 4).
       multi_grid: res5 per-block multipliers; None = all 1.
       axis_name: BatchNorm statistics axis (SyncBN) in training.
+      stage_sizes: blocks per stage, overriding `depth`'s (small test networks).
 
     Returns:
       A `ResNet` whose output 'layer{i}' is detectron2's 'res{i+1}' (see `res_features`).
@@ -79,6 +81,8 @@ def deeplab_resnet(
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     strides, dilations, first_dilations = settings[output_stride]
     make = ResNet50 if depth == 50 else ResNet101
+    if stage_sizes is not None:
+        make = functools.partial(make, stage_sizes=tuple(stage_sizes))
     return make(
         in_channels=3,
         stem=stem,

@@ -112,11 +112,12 @@ class DeepLabResNet(nn.Module):
         multi_grid=(1, 2, 4),
         norm="BN",
         stem_out=None,
+        blocks=None,
     ):
         super().__init__()
         stem_out = stem_out or (128 if stem == "deeplab" else 64)
         self.stem = (DeepLabStem if stem == "deeplab" else BasicStem)(3, stem_out, norm)
-        blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
+        blocks = blocks or {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
         cin, cout, width = stem_out, 256, 64
         for idx, stage in enumerate(range(2, 6)):
             dilation = {4: res4_dilation, 5: res5_dilation}.get(stage, 1)
