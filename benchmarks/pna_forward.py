@@ -1,0 +1,263 @@
+"""Benchmark: PNA forward (ResNet-50 + FCN-OS-32 + PNA head), JAX vs a PyTorch mirror.
+
+    .venv/bin/python benchmarks/pna_forward.py                  # 1 x 512 x 512, 21 classes
+    .venv/bin/python benchmarks/pna_forward.py --size 256 --repeats 2
+
+The paper's Table 1 setting: ResNet-50 at output stride 32 (DeepLab stem), the FCN head on
+res5, the PNA head with D = (96, 192, 384, 768), window 9, SAM on, nearest upsampling.
+Both sides use the same random weights (PyTorch mirror, BatchNorm statistics calibrated on
+a random image so that activations stay O(1), converted with `jax_refine.convert`).
+
+PyTorch side: `tests/torch_mirrors` (detectron2 / mmseg / PNA names and op order) with the
+neighbourhood attention written with `F.unfold` (every window start unfolded once, then the
+start of each query picked by indexing; NATTEN's clamped windows and bias indices), eval
+mode, `torch.no_grad()`, `torch.set_num_threads(--threads)`. JAX side: `PNASegmentor` under
+`jax.jit` (compiled ahead of time; the compile time is printed separately).
+
+Each side runs in its own subprocess. Time = median of `--repeats` forwards after one
+warm-up forward. Memory: the process's peak resident set (ru_maxrss, everything incl.
+imports and weights), and the peak *during the first forward* above the resident set just
+before it (VmHWM reset through /proc/self/clear_refs). The two sides' final logits are
+compared (max abs difference) as a check that they compute the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 21
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _measure(run, repeats: int) -> dict:
+    before = _rss_kb("VmRSS")
+    _reset_peak()
+    out = run()  # warm-up; its peak is the forward's working memory
+    forward_peak = (_rss_kb("VmHWM") - before) / 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": sorted(times)[len(times) // 2],
+        "forward_peak_mb": forward_peak,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "out": out,
+    }
+
+
+def image(size: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+
+
+def torch_model():
+    """The mirror: R-52 at output stride 32, mmseg FCNHead, PNA head (unfold attention)."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from jax_refine.ops.neighborhood import bias_start, window_start
+    from tests.torch_mirrors import detectron2 as d2
+    from tests.torch_mirrors import pna as tp
+    from tests.torch_mirrors import pna_layers
+
+    def neighbourhood(x, L, rows, cols):
+        """[B, h, H, W, D] -> [B, h, H, W, L*L, D]: every query's clamped window."""
+        B, heads, H, W, D = x.shape
+        x = x.permute(0, 1, 4, 2, 3).reshape(B, heads * D, H, W)
+        cols_ = F.unfold(x, L).reshape(B, heads, D, L * L, H - L + 1, W - L + 1)
+        cols_ = cols_[:, :, :, :, rows][:, :, :, :, :, cols]
+        return cols_.permute(0, 1, 4, 5, 3, 2)
+
+    def forward(self, x, v):  # replaces the brute-force loop of the mirror's attention
+        B, H0, W0, C = x.shape
+        L = self.kernel_size
+        pad_b, pad_r = max(L - H0, 0), max(L - W0, 0)
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        v = F.pad(v, (0, 0, 0, pad_r, 0, pad_b))
+        _, H, W, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        v = self.embed_v(v).reshape(B, H, W, heads, hd).permute(0, 3, 1, 2, 4)
+        qk = self.qk(x).reshape(B, H, W, 2, heads, hd).permute(3, 0, 4, 1, 2, 5)
+        q, k = qk[0] * self.scale, qk[1]
+        rows, cols = torch.from_numpy(window_start(H, L)), torch.from_numpy(window_start(W, L))
+        br = torch.from_numpy(bias_start(H, L))[:, None] + torch.arange(L)[None]
+        bc = torch.from_numpy(bias_start(W, L))[:, None] + torch.arange(L)[None]
+        bias = self.rpb[:, br.reshape(-1)][:, :, bc.reshape(-1)].reshape(heads, H, L, W, L)
+        bias = bias.permute(0, 1, 3, 2, 4).reshape(heads, H, W, L * L)
+        logits = torch.einsum("bhijd,bhijnd->bhijn", q, neighbourhood(k, L, rows, cols)) + bias
+        out = torch.einsum(
+            "bhijn,bhijnd->bhijd", logits.softmax(-1), neighbourhood(v, L, rows, cols)
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)[:, :H0, :W0]
+        return self.proj(out)
+
+    pna_layers.NeighborhoodCrossAttention.forward = forward
+    backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=1, multi_grid=(1, 1, 1))
+    pna = tp.PNAHead((256, 512, 1024, 2048), NUM_CLASSES)
+    model = tp.PNASegmentor(backbone, FCNCoarse(d2.FCNHead(NUM_CLASSES)), pna, 0)
+    return model
+
+
+def FCNCoarse(head):  # noqa: N802 - a factory returning an nn.Module
+    """mmseg FCNHead with detectron2's `layers(features)` interface (reads res5)."""
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def layers(self, features):
+            return self.head(features["res5"])
+
+    return Wrapped()
+
+
+def make_weights(path: Path) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests.torch_mirrors import detectron2 as d2
+
+    torch.manual_seed(0)
+    model = d2.randomize(torch_model(), seed=0)
+    calib = np.random.default_rng(1).uniform(0, 255, (2, 128, 128, 3)).astype(np.float32)
+    d2.calibrate_bn(model, torch.from_numpy(calib.transpose(0, 3, 1, 2).copy()))
+    np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
+
+
+def worker_torch(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = torch_model().eval()
+    state = np.load(args.weights)
+    model.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files})
+    x = torch.from_numpy(image(args.size).transpose(0, 3, 1, 2).copy())
+
+    def run():
+        with torch.no_grad():
+            return model(x)[1].numpy().transpose(0, 2, 3, 1)
+
+    return _measure(run, args.repeats)
+
+
+def worker_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jax_refine import convert
+    from jax_refine.models.heads import FCNHead
+    from jax_refine.models.pna import PNAHead, PNASegmentor, deeplab_resnet, final_logits
+
+    state = dict(np.load(args.weights))
+    backbone = convert.resnet_from_detectron2(state, prefix="backbone.")
+    coarse_prefix = "sem_seg_head.coarse_sem_seg_head.head."
+    head = convert.coarse_head_variables(state, "fcn", prefix=coarse_prefix)
+    pna = convert.pna_head_params(state, prefix="sem_seg_head.pna_head.")
+    variables = {
+        "params": {"backbone": backbone["params"], "coarse_head": head["params"], "pna_head": pna},
+        "batch_stats": {"backbone": backbone["batch_stats"], "coarse_head": head["batch_stats"]},
+    }
+    variables = jax.device_put(variables)
+    model = PNASegmentor(
+        deeplab_resnet(50, output_stride=32, multi_grid=None),
+        FCNHead(NUM_CLASSES),
+        PNAHead(NUM_CLASSES),
+    )
+    size = args.size
+
+    def forward(variables, x):
+        return final_logits(model.apply(variables, x)[-1], (size, size))
+
+    x = jnp.asarray(image(size))
+    start = time.perf_counter()
+    compiled = jax.jit(forward).lower(variables, x).compile()
+    compile_s = time.perf_counter() - start
+    result = _measure(lambda: np.asarray(compiled(variables, x)), args.repeats)
+    result["compile_s"] = compile_s
+    return result
+
+
+def run_worker(kind: str, args, weights: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--weights", str(weights),
+           "--size", str(args.size), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if kind == "torch":
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="image side")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads")
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = (worker_jax if args.worker == "jax" else worker_torch)(args)
+        np.save(args.out, result.pop("out"))
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "pna_random.npz"
+        make_weights(weights)
+        print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
+        print(f"PNA forward, 1 x {args.size} x {args.size}, R-52 OS32 + FCN + PNA head "
+              f"(D 96..768, window 9, SAM), {NUM_CLASSES} classes")
+        results = {}
+        for kind in ("jax", "torch"):
+            out = Path(tmp) / f"{kind}.npy"
+            results[kind] = run_worker(kind, args, weights, out)
+            results[kind]["logits"] = np.load(out)
+            r = results[kind]
+            extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+            print(f"{kind:>6}: forward {r['seconds']:.3f} s (median of {args.repeats}){extra}; "
+                  f"forward peak {r['forward_peak_mb']:.0f} MB, process peak "
+                  f"{r['max_rss_mb']:.0f} MB", flush=True)
+        j, t = results["jax"], results["torch"]
+        diff = float(np.max(np.abs(j["logits"] - t["logits"])))
+        print(f"ratio jax/torch: time {j['seconds'] / t['seconds']:.3f}, forward peak "
+              f"{j['forward_peak_mb'] / t['forward_peak_mb']:.3f}, process peak "
+              f"{j['max_rss_mb'] / t['max_rss_mb']:.3f}; max |logits diff| {diff:.2e} "
+              f"(max |logit| {float(np.max(np.abs(t['logits']))):.1f})")
+        print(f"load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
