@@ -18,6 +18,7 @@ from jax_refine.models.pna import (  # noqa: E402
     PNASegmentor,
     deeplab_resnet,
     final_logits,
+    pad_to_divisibility,
 )
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 from tests.torch_mirrors import pna as tp  # noqa: E402
@@ -180,3 +181,14 @@ def test_pna_segmentor_train_step_shapes_and_frozen_bn():
         updates["batch_stats"]["coarse_head"]["convs_0"]["norm"]["mean"],
         variables["batch_stats"]["coarse_head"]["convs_0"]["norm"]["mean"],
     )
+
+
+def test_pad_to_divisibility_labels_with_ignore_value():
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 5, (2, 50, 70)), jnp.int32)
+    padded = pad_to_divisibility(labels, 32, 255)
+    assert padded.shape == (2, 64, 96)
+    np.testing.assert_array_equal(padded[:, :50, :70], labels)
+    assert bool(jnp.all(padded[:, 50:] == 255)) and bool(jnp.all(padded[:, :, 70:] == 255))
+    assert pad_to_divisibility(labels, 0, 255) is labels
+    images = jnp.ones((1, 33, 32, 3))
+    assert pad_to_divisibility(images, 32).shape == (1, 64, 32, 3)

@@ -22,7 +22,8 @@ Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
   backbone, coarse head (`models.heads`), PNA head; returns [P0, P1, P2, P3, P4].
   Defaults: the official configs' PIXEL_MEAN (123.675, 116.280, 103.530) and PIXEL_STD
   (58.395, 57.120, 57.375) on RGB images in [0, 255] (ImageNet mean/std x 255).
-  `final_logits` gives the reference's inference output (last stage x4 bilinear, cropped).
+  `final_logits` gives the reference's inference output (last stage x4 bilinear, cropped);
+  `pad_to_divisibility(labels, 32, 255)` pads training labels as the reference does.
 """
 
 from __future__ import annotations
@@ -257,13 +258,25 @@ class PNASegmentor(nn.Module):
         mean = jnp.asarray(self.pixel_mean, images.dtype)
         std = jnp.asarray(self.pixel_std, images.dtype)
         x = (images - mean) / std
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            h, w = x.shape[1:3]
-            x = jnp.pad(x, ((0, 0), (0, -h % d), (0, -w % d), (0, 0)))
+        x = pad_to_divisibility(x, self.size_divisibility)
         features = res_features(self.backbone(x, train=train and not self.freeze_backbone_bn))
         coarse = self.coarse_head(features, train=train)
         return [coarse, *self.pna_head(coarse, features, train=train)]
+
+
+def pad_to_divisibility(x: Array, divisibility: int, value: float | int = 0) -> Array:
+    """Pad [B, H, W, ...] at the bottom/right with `value` to multiples of `divisibility`.
+
+    detectron2's `ImageList.from_tensors`: images are padded with 0 after normalisation
+    (what `PNASegmentor` does), label maps [B, H, W] with the ignore value (255) — pad the
+    training labels this way so that the losses see the same pixels as the reference's.
+    `divisibility` <= 1 returns `x` unchanged.
+    """
+    if divisibility <= 1:
+        return x
+    h, w = x.shape[1:3]
+    pad = [(0, 0), (0, -h % divisibility), (0, -w % divisibility)] + [(0, 0)] * (x.ndim - 3)
+    return jnp.pad(x, pad, constant_values=value)
 
 
 def final_logits(
