@@ -1,54 +1,53 @@
-"""`make demo`: a synthetic 4K scene, coarse masks made two ways, and their IoU / mBA.
+"""`make demo`: train CRM on synthetic scenes, then refine held-out 2048-px scenes.
 
-Run as `python -m jax_refine.demo [--size 4096] [--seed 0] [--out demo_out]`. Writes a
-side-by-side PNG (image | ground truth | perturbed | low-resolution coarse mask).
+Run as `python -m jax_refine.demo [--workdir demo_out/crm_synthetic] [--config.KEY=VALUE]`.
+Trains `configs/crm_synthetic.py` on 224-px crops (resuming if the workdir already has
+checkpoints), exports the Refiner checkpoint, then evaluates it with the multi-resolution
+Refiner on held-out 2048 x 2048 scenes with coarse masks from `perturb_mask` (made at 512 px
+and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`, printing IoU /
+mBA of the coarse and refined masks and the paths of side-by-side PNGs
+(image | coarse | refined | GT).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from jax_refine import metrics
-from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
-from jax_refine.data.synthetic import make_scene
+from jax_refine.train.evaluate import evaluate, markdown_table
+from jax_refine.train.loop import train_and_evaluate
+
+_DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "crm_synthetic.py"
+_CONFIG = config_flags.DEFINE_config_file("config", str(_DEFAULT_CONFIG), "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "demo_out/crm_synthetic", "Training directory.")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096, help="scene height and width (px)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    args = parser.parse_args(argv)
-
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     start = time.perf_counter()
-    image, gt = make_scene(args.seed, args.size, args.size)
-    print(
-        f"scene {args.seed}: {args.size}x{args.size} in {time.perf_counter() - start:.2f} s, "
-        f"foreground {gt.mean():.1%}"
-    )
-    rng = np.random.default_rng(args.seed)
-    coarse = {
-        "perturb_mask(iou_target=0.9)": perturb_mask(gt, 0.9, rng),
-        "coarse_from_lowres(factor=16)": coarse_from_lowres(gt, 16, rng),
-    }
-    print("| coarse mask | IoU | mBA |\n|---|---|---|")
-    for name, mask in coarse.items():
-        iou, mba = metrics.iou(mask, gt), metrics.boundary_accuracy(mask, gt)
-        print(f"| {name} | {iou:.4f} | {mba:.4f} |")
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    panels = [image] + [np.repeat(m[..., None] * 255, 3, axis=2) for m in (gt, *coarse.values())]
-    small = [cv2.resize(p, (512, 512), interpolation=cv2.INTER_AREA) for p in panels]
-    preview = np.concatenate(small, axis=1)
-    path = args.out / f"scene{args.seed}_coarse.png"
-    cv2.imwrite(str(path), cv2.cvtColor(preview.astype(np.uint8), cv2.COLOR_RGB2BGR))
-    print(f"preview: {path}")
+    train_and_evaluate(config, workdir)
+    trained = time.perf_counter()
+    print(f"training: {trained - start:.0f} s ({config.total_steps} steps of "
+          f"{config.batch_size} x {config.crop_size}^2 crops)")
+    e = config.eval
+    results = evaluate(workdir / "refiner", workdir / "eval", folder=e.folder,
+                       scales=tuple(e.scales), num_images=e.num_images, num_pngs=e.num_pngs,
+                       synthetic_size=e.synthetic_size)
+    print(f"evaluation: {time.perf_counter() - trained:.0f} s")
+    print(markdown_table(results))
+    for r in results.values():
+        for png in r["pngs"]:
+            print(f"preview: {png}")
+    print(f"metrics: {workdir / 'eval' / 'metrics.json'}")
+    print(f"total: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
