@@ -16,6 +16,7 @@ from jax_refine.models.backbones.resnet import Bottleneck, ResNet  # noqa: E402
 from jax_refine.models.pna import (  # noqa: E402
     PNAHead,
     PNASegmentor,
+    build_pna,
     deeplab_resnet,
     final_logits,
     pad_to_divisibility,
@@ -116,16 +117,12 @@ def test_pna_segmentor_parity_full_checkpoint(kind, size, windows, upsample_mode
         "embed_dims": (96, 192, 384, 768), "window_sizes": windows, "use_sa": True,
     }
     variables = convert.pna_variables(state_dict)
-    if kind == "deeplabv3":
-        backbone, coarse, divisibility = deeplab_resnet(50, output_stride=16), \
-            heads.DeepLabV3Head(k), 0
-    else:
-        backbone, coarse, divisibility = deeplab_resnet(50, output_stride=32, stage_sizes=SMALL), \
-            heads.SemanticFPNHead(k), 32
-    model = PNASegmentor(
-        backbone, coarse, PNAHead(k, window_sizes=windows, upsample_mode=upsample_mode),
-        size_divisibility=divisibility,
-    )
+    model = build_pna(kind, k, upsample_mode=upsample_mode)
+    assert model.pna_head.window_sizes == windows
+    if blocks is not None:
+        model = model.clone(
+            backbone=deeplab_resnet(50, output_stride=32, stage_sizes=blocks)
+        )
     init = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(images))
     assert tree_shapes(variables) == tree_shapes(dict(init))
     got = jax.jit(model.apply)(variables, jnp.asarray(images))

@@ -24,6 +24,7 @@ Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
   (58.395, 57.120, 57.375) on RGB images in [0, 255] (ImageNet mean/std x 255).
   `final_logits` gives the reference's inference output (last stage x4 bilinear, cropped);
   `pad_to_divisibility(labels, 32, 255)` pads training labels as the reference does.
+* `build_pna(coarse_head, num_classes, ...)` — the official variants in one call.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ import jax.numpy as jnp
 
 from jax_refine.layers import PNALayer
 from jax_refine.models.backbones.resnet import ResNet50, ResNet101
-from jax_refine.models.heads import c2_xavier_fill
+from jax_refine.models.heads import (
+    DeepLabV3Head,
+    FCNHead,
+    PSPHead,
+    SemanticFPNHead,
+    c2_xavier_fill,
+)
 from jax_refine.ops.resize import resize_bilinear, resize_nearest
 
 Array = Any
@@ -287,3 +294,74 @@ def final_logits(
     h, w = stage_logits.shape[1:3]
     up = resize_bilinear(stage_logits, (h * common_stride, w * common_stride), False)
     return up[:, : image_size[0], : image_size[1]]
+
+
+# Official settings per coarse head: backbone output stride, res5 multi-grid, input padding
+# and PNA window (detectron2 configs for 'deeplabv3' / 'semantic_fpn'; the paper's mmseg
+# configs for 'fcn' (d32) and 'psp' (d16), built here on the detectron2-style ResNet).
+VARIANTS = {
+    "deeplabv3": dict(output_stride=16, multi_grid=(1, 2, 4), size_divisibility=0, window=9),
+    "semantic_fpn": dict(output_stride=32, multi_grid=(1, 2, 4), size_divisibility=32, window=7),
+    "fcn": dict(output_stride=32, multi_grid=None, size_divisibility=0, window=9),
+    "psp": dict(output_stride=16, multi_grid=None, size_divisibility=0, window=9),
+}
+
+
+def build_pna(
+    coarse_head: str,
+    num_classes: int,
+    *,
+    depth: int = 50,
+    stem: str = "deeplab",
+    window_sizes: Sequence[int] | None = None,
+    upsample_mode: str = "nearest",
+    use_sa: bool = True,
+    pool_kernel_size: tuple[int, int] | None = None,
+    freeze_backbone_bn: bool = False,
+    axis_name: str | None = None,
+) -> PNASegmentor:
+    """A `PNASegmentor` with the official settings of one coarse head (see `VARIANTS`).
+
+    Args:
+      coarse_head: 'deeplabv3', 'semantic_fpn', 'fcn' or 'psp'.
+      num_classes: classes of every prediction.
+      depth, stem: the ResNet (50/101; 'deeplab' = detectron2's R-52/R-103).
+      window_sizes: PNA windows (default: 9 for DeepLabV3/FCN/PSP, 7 for Semantic FPN).
+      upsample_mode: 'nearest' (default) or 'bilinear' (the Trans10k config).
+      use_sa: self-aggregation module on.
+      pool_kernel_size: DeepLabV3's ASPP image pooling; None = global. The official
+        Cityscapes DeepLabV3 models need (32, 64) (crop 512x1024 / output stride 16).
+      freeze_backbone_bn: FrozenBN backbone.
+      axis_name: SyncBN axis.
+    """
+    if coarse_head not in VARIANTS:
+        raise ValueError(f"coarse_head must be one of {sorted(VARIANTS)}, got {coarse_head!r}")
+    v = VARIANTS[coarse_head]
+    backbone = deeplab_resnet(
+        depth,
+        stem=stem,
+        output_stride=v["output_stride"],
+        multi_grid=v["multi_grid"],
+        axis_name=axis_name,
+    )
+    if coarse_head == "deeplabv3":
+        head = DeepLabV3Head(num_classes, pool_kernel_size=pool_kernel_size, axis_name=axis_name)
+    elif coarse_head == "semantic_fpn":
+        head = SemanticFPNHead(num_classes, axis_name=axis_name)
+    elif coarse_head == "fcn":
+        head = FCNHead(num_classes, axis_name=axis_name)
+    else:
+        head = PSPHead(num_classes, axis_name=axis_name)
+    pna = PNAHead(
+        num_classes,
+        window_sizes=tuple(window_sizes or (v["window"],) * 4),
+        upsample_mode=upsample_mode,
+        use_sa=use_sa,
+    )
+    return PNASegmentor(
+        backbone,
+        head,
+        pna,
+        size_divisibility=v["size_divisibility"],
+        freeze_backbone_bn=freeze_backbone_bn,
+    )
