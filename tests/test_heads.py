@@ -184,3 +184,13 @@ def test_heads_train_mode_updates_batch_stats_and_uses_dropout():
     frozen = heads.DeepLabV3Head(3, aspp_channels=32, norm="FrozenBN", aspp_dropout=0.0)
     _, updates = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_array_equal(updates["batch_stats"]["aspp"]["project"]["norm"]["mean"], old)
+
+
+def test_torchvision_imagenet_weights_fit_the_torchvision_stem_backbone():
+    from tests.torch_mirrors import crm as crm_mirror
+
+    sd = crm_mirror.ResNet(in_channels=3, crm=False).state_dict()
+    variables = convert.resnet_from_torchvision(sd, in_channels=3)
+    model = deeplab_resnet(50, stem="torchvision", output_stride=16)
+    assert_same_tree(variables, model, jnp.zeros((1, 64, 64, 3)))
+
