@@ -161,7 +161,12 @@ def test_pna_segmentor_train_step_shapes_and_frozen_bn():
         freeze_backbone_bn=True,
     )
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 45, 39, 3)), jnp.float32)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    # Random variables of the right shapes (one compilation fewer than a jitted init).
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(
+        lambda s: jnp.asarray(0.5 + 0.1 * rng.standard_normal(s.shape), s.dtype), shapes
+    )
     outs, updates = jax.jit(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
                                  rngs={"dropout": jax.random.PRNGKey(1)})
