@@ -1,0 +1,164 @@
+"""Benchmark: the paper's CRM training step, JAX vs the PyTorch mirror, in one run.
+
+    python benchmarks/train_step.py                 # ResNet-50, batch 12, 224x224, 2 steps
+    python benchmarks/train_step.py --batch 4 --steps 3
+
+Each side runs in its own subprocess (peak memory = that process's max RSS): build the
+model, then `--steps` timed training steps (forward at all 224x224 pixel centres, the four
+CRM losses, backward, Adam with weight decay 1e-4) after one untimed warm-up step (JAX
+compiles there). PyTorch uses the official model (tests/torch_mirrors/crm.py: layer4
+computed, per-query 262-d MLP) with torch.set_num_threads(--threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(batch: int, crop: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((batch, crop, crop, 1), np.float32)
+    gt[:, crop // 4: 3 * crop // 4, crop // 5: 2 * crop // 3] = 1
+    return {
+        "image": rng.normal(size=(batch, crop, crop, 3)).astype(np.float32),
+        "mask": np.where(rng.random(gt.shape) < 0.05, 1 - gt, gt) * 2 - 1,
+        "gt": gt,
+    }
+
+
+def worker_jax(args) -> dict:
+    import functools
+
+    import jax
+
+    from jax_refine.models.crm import CRM
+    from jax_refine.train import mesh as mesh_lib
+    from jax_refine.train import optim
+    from jax_refine.train import step as step_lib
+    from jax_refine.train.state import create_state
+
+    model = CRM()  # the paper's ResNet-50 CRM
+    tx, schedule = optim.crm_optimizer(2.25e-4, 45_000)
+    mesh = mesh_lib.make_mesh()
+    state = jax.jit(functools.partial(create_state, model, tx,
+                                      example=step_lib.example_inputs(1, args.crop)))(
+        jax.random.key(0))
+    train_step = step_lib.jit_train_step(
+        functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule), mesh)
+    batch = mesh_lib.global_batch(mesh, _batch(args.batch, args.crop))
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    float(metrics["loss"])
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = train_step(state, batch)
+        loss = float(metrics["loss"])
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": _max_rss_mb(), "loss": loss}
+
+
+def worker_torch(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from jax_refine.ops.sobel import GX, GY
+    from tests.torch_mirrors import crm as mirror
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = mirror.CRMNet().train()
+    opt = torch.optim.Adam(model.parameters(), lr=2.25e-4, weight_decay=1e-4)
+    data = {k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous()
+            for k, v in _batch(args.batch, args.crop).items()}
+    coord = mirror.make_coord((args.crop, args.crop)).unsqueeze(0).expand(args.batch, -1, -1)
+    cell = torch.ones_like(coord) * torch.tensor([2 / args.crop, 2 / args.crop])
+    kx = torch.tensor(GX)[None, None]
+    ky = torch.tensor(GY)[None, None]
+
+    def sobel(x):
+        x = F.avg_pool2d(x, 3, stride=1, padding=1)
+        return torch.sqrt(F.conv2d(x, kx, padding=1) ** 2 + F.conv2d(x, ky, padding=1) ** 2
+                          + 1e-4)
+
+    def step():
+        opt.zero_grad()
+        logits = model(data["image"], data["mask"], coord, cell)
+        logits = logits.view(args.batch, 1, args.crop, args.crop)
+        p = torch.sigmoid(logits)
+        gt = data["gt"]
+        loss = (F.binary_cross_entropy_with_logits(logits, (gt > 0.5).float())
+                + 0.5 * F.l1_loss(p, gt) + 0.5 * F.mse_loss(p, gt)
+                + 2.0 * F.l1_loss(sobel(gt), sobel(p)))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    start = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": _max_rss_mb(), "loss": loss}
+
+
+def run_worker(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch),
+           "--crop", str(args.crop), "--steps", str(args.steps), "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if kind == "torch":
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker_jax(args) if args.worker == "jax" else worker_torch(args)
+        print(json.dumps(result))
+        return
+    print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    print(f"CRM ResNet-50 train step, batch {args.batch}, {args.crop}x{args.crop}")
+    results = {"jax": run_worker("jax", args)}
+    if not args.skip_torch:
+        results["torch"] = run_worker("torch", args)
+    for kind, r in results.items():
+        print(f"{kind:>6}: {r['seconds']:7.2f} s/step (warm-up {r['warmup']:.1f} s), "
+              f"peak {r['max_rss_mb']:.0f} MB, loss {r['loss']:.4f}")
+    if "torch" in results:
+        j, t = results["jax"], results["torch"]
+        print(f"ratio jax/torch: time {j['seconds'] / t['seconds']:.2f}x, "
+              f"peak memory {j['max_rss_mb'] / t['max_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
