@@ -44,7 +44,9 @@ def init(model, h=37, w=53, batch=2, seed=0):
     return {"params": variables["params"], "batch_stats": stats}, image, mask
 
 
-@pytest.mark.parametrize("level", [1, 2, 3])
+# Level 2 covers both a downsampled (x1) and an upsampled (x3) branch; level 3 only the
+# former.
+@pytest.mark.parametrize("level", [1, 2])
 def test_banded_fusion_equals_direct_and_bucketing_is_exact(level):
     model = small(level)
     variables, image, mask = init(model)
@@ -91,16 +93,6 @@ def test_decode_grid_equals_decode():
     np.testing.assert_array_equal(np.asarray(looped)[45:], 0)  # rows past num_rows: skipped
 
 
-def test_feature_valid_sizes_match_shapes():
-    model = resnet.ResNet18(width=4, in_channels=4, strides=(1, 2, 1, 2), num_stages=3)
-    x = jnp.zeros((1, 37, 53, 4))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-    feats = apply(model, variables, x)
-    sizes = resnet.feature_valid_sizes((37, 53), (1, 2, 1, 2), 3)
-    for name, size in sizes.items():
-        assert feats[name].shape[1:3] == size, name
-
-
 def test_crm_defaults_and_errors():
     assert CRM().depth == 50 and CRM().latent_level == 1
     with pytest.raises(ValueError, match="latent_level"):
@@ -118,3 +110,50 @@ def test_parameter_count_of_the_paper_model():
     n = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
     # The reference CRMNet has 24,265,697 parameters, 14,964,736 of them in the unused layer4.
     assert n == 9_300_961
+
+
+def test_deeplab_stem_and_stage_selection_shapes():
+    model = resnet.ResNet50(width=8, in_channels=3, stem="deeplab", num_stages=2)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 37, 53, 3)))
+    params = shapes["params"]
+    assert params["conv3"]["kernel"].shape == (3, 3, 8, 16)
+    assert "layer3_0" not in params
+    out = jax.eval_shape(model.apply, shapes, jnp.zeros((1, 37, 53, 3)))
+    assert out["stem"].shape == (1, 19, 27, 16)
+    assert out["layer2"].shape == (1, 5, 7, 64)
+
+
+def test_training_mode_updates_batch_stats_and_uses_dropout():
+    model = small()
+    variables, image, mask = init(model, h=32, w=32, batch=2)
+    coord = jnp.broadcast_to(grid.coordinate_grid(8, 8).reshape(1, -1, 2), (2, 64, 2))
+    cell = jnp.full_like(coord, 0.25)
+
+    @jax.jit
+    def step(variables, rng):
+        return model.apply(variables, image, mask, coord, cell, train=True,
+                           rngs={"dropout": rng}, mutable=["batch_stats"])
+
+    out1, new = step(variables, jax.random.PRNGKey(1))
+    out2, _ = step(variables, jax.random.PRNGKey(2))
+    assert out1.shape == (2, 64, 1)
+    assert not np.allclose(np.asarray(out1), np.asarray(out2))  # dropout is active
+    old_mean = variables["batch_stats"]["aspp_"]["last_conv_1"]["mean"]
+    assert not np.allclose(np.asarray(new["batch_stats"]["aspp_"]["last_conv_1"]["mean"]),
+                           np.asarray(old_mean))
+
+
+def test_resnet_stage_ranges_compose():
+    model = resnet.ResNet18(width=4, in_channels=4, strides=(1, 2, 1, 2), num_stages=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 29, 31, 4)).astype(np.float32))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    run = jax.jit(model.apply, static_argnames=("from_stage", "to_stage", "valid_size"))
+    full = run(variables, x, valid_size=(25, 30))
+    sizes = resnet.feature_valid_sizes((29, 31), (1, 2, 1, 2), 3)
+    for name, size in sizes.items():
+        assert full[name].shape[1:3] == size, name
+    front = run(variables, x, valid_size=(25, 30), to_stage=1)
+    assert set(front) == {"stem", "layer1"}
+    back = run(variables, front["layer1"], valid_size=(25, 30), from_stage=1)
+    assert set(back) == {"layer2", "layer3"}
+    np.testing.assert_array_equal(np.asarray(back["layer3"]), np.asarray(full["layer3"]))

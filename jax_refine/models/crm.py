@@ -378,14 +378,18 @@ class FusionHead(nn.Module):
             param_dtype=self.param_dtype,
         )
 
+    def branch(self, level: int, x: Array, *, train: bool) -> Array:
+        """Level `level`'s branch: 1x1 conv -> BN -> ReLU -> BN -> ReLU -> Dropout."""
+        tag = BRANCH_TAGS[level]
+        y = getattr(self, f"aspp1_{tag}")(x, train=train)
+        y = nn.relu(getattr(self, f"bn1_{tag}")(y, use_running_average=not train))
+        return self.dropout(y, deterministic=not train)
+
     def branches(self, xs: Sequence[Array], *, train: bool) -> list[Array]:
-        """Per level: 1x1 conv -> BN -> ReLU -> BN -> ReLU -> Dropout."""
-        outs = []
-        for x, tag in zip(xs, BRANCH_TAGS, strict=True):
-            y = getattr(self, f"aspp1_{tag}")(x, train=train)
-            y = nn.relu(getattr(self, f"bn1_{tag}")(y, use_running_average=not train))
-            outs.append(self.dropout(y, deterministic=not train))
-        return outs
+        """All three branches."""
+        if len(xs) != len(BRANCH_TAGS):
+            raise ValueError(f"expected {len(BRANCH_TAGS)} levels, got {len(xs)}")
+        return [self.branch(i, x, train=train) for i, x in enumerate(xs)]
 
     def __call__(
         self,
@@ -439,7 +443,20 @@ class FusionHead(nn.Module):
         Returns:
           [B, h_level, w_level, P].
         """
-        outs = self.branches(xs, train=False)
+        return self.fuse_branches_project(
+            self.branches(xs, train=False), project_kernel,
+            valid_sizes=valid_sizes, band_rows=band_rows,
+        )
+
+    def fuse_branches_project(
+        self,
+        outs: Sequence[Array],
+        project_kernel: Array,
+        *,
+        valid_sizes: Sequence[tuple[Size, Size]] | None = None,
+        band_rows: int = 32,
+    ) -> Array:
+        """`fuse_project` from the three branch outputs (`branches(xs, train=False)`)."""
         t = self.level
         sizes = valid_sizes or [y.shape[1:3] for y in outs]
         batch, height, width = outs[t].shape[:3]

@@ -216,9 +216,17 @@ class ResNet(nn.Module):
         *,
         train: bool = False,
         valid_size: tuple[Size, Size] | None = None,
+        from_stage: int = 0,
+        to_stage: int | None = None,
     ) -> dict[str, Array]:
-        """x: [B, H, W, in_channels]; valid_size: see the module docstring."""
-        if x.shape[-1] != self.in_channels:
+        """Features of x: [B, H, W, in_channels]; valid_size: see the module docstring.
+
+        A sub-range of the network: with from_stage=k > 0, x is layer{k}'s output and only
+        layer{k+1}.. are computed; to_stage stops after layer{to_stage} (default
+        num_stages). The dict holds the features computed. valid_size always refers to the
+        network's input (running stages in separate calls bounds peak memory).
+        """
+        if from_stage == 0 and x.shape[-1] != self.in_channels:
             raise ValueError(f"ResNet expects {self.in_channels} input channels, got {x.shape}")
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
@@ -228,6 +236,9 @@ class ResNet(nn.Module):
         valid = None
         if valid_size is not None:
             valid = feature_valid_sizes(valid_size, self.strides, self.num_stages)
+        to_stage = self.num_stages if to_stage is None else to_stage
+        if from_stage > 0:
+            return self._stages(x, train, valid, from_stage, to_stage, {})
         x = mask_valid(x, valid_size)
         if self.stem == "torchvision":
             x = nn.relu(norm(name="bn1")(conv(self.width, 7, 2, 3, 1, name="conv1")(x)))
@@ -241,15 +252,22 @@ class ResNet(nn.Module):
         # Post-ReLU values are >= 0, so zeros outside the valid region act as -inf padding.
         x = mask_valid(x, valid and valid["stem"])
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return self._stages(x, train, valid, 0, to_stage, features)
+
+    def _stages(self, x, train, valid, from_stage, to_stage, features):
+        """Run layer{from_stage+1}..layer{to_stage} on x (the max-pool's or a stage's output)."""
         in_features = x.shape[-1]
         block_valid = None
         if valid is not None:
-            block_valid = tuple(conv_out_size(n, 3, 2, 1) for n in valid["stem"])
+            if from_stage == 0:
+                block_valid = tuple(conv_out_size(n, 3, 2, 1) for n in valid["stem"])
+            else:
+                block_valid = valid[f"layer{from_stage}"]
         first_dilations = self.first_dilations or (1,) * len(self.stage_sizes)
         last = len(self.stage_sizes) - 1
         if self.multi_grid is not None and len(self.multi_grid) != self.stage_sizes[last]:
             raise ValueError(f"multi_grid={self.multi_grid} needs {self.stage_sizes[last]} entries")
-        for i in range(self.num_stages):
+        for i in range(from_stage, to_stage):
             planes = self.width * 2**i
             for j in range(self.stage_sizes[i]):
                 stride = self.strides[i] if j == 0 else 1
