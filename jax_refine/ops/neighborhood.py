@@ -13,11 +13,11 @@ pb(i) = L//2 + max(L//2 - m, 0) - max(m + L//2 - n_r + 1, 0).
 (Neighbour a of query i is the key at displacement (pb(i) + a - (L - 1)) * d.)
 
 Memory: nothing of size `[B, H, W, L*L, D]` is formed; the extra memory beyond the logits is
-O(B*H*W*heads*D). The q.k product is a tiled matmul per row offset (the keys of a tile of 16
-queries span 16 + (L-1)*d columns); the weighted sum of values is a fused sum of gathered
-planes per row offset; the transposed ("scatter") products of the backward pass are written as
-gathers too (see `_scatter_sum`). Gradients are exact and defined with `jax.custom_vjp`; only
-the inputs are saved as residuals.
+O(B*H*W*heads*D). The q.k product is a tiled matmul (the windows of a tile of 8 x 8 queries
+lie in a block of (8 + (L-1)*d)^2 keys), one row of tiles at a time; the weighted sum of
+values is a fused sum of gathered planes per row offset; the transposed ("scatter") products
+of the backward pass are written as gathers too (see `_scatter_sum`). Gradients are exact and
+defined with `jax.custom_vjp`; only the inputs are saved as residuals.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["na2d_qk", "na2d_av", "window_start", "bias_start"]
 
-_TILE = 16  # queries per column tile in the q.k matmul.
+_TILE = 8  # the q.k matmul works on tiles of _TILE x _TILE queries.
 
 
 def window_start(length: int, kernel_size: int, dilation: int = 1) -> np.ndarray:
@@ -72,7 +72,7 @@ class _Axis(NamedTuple):
 
     keys: np.ndarray  # [L, n]: key index of neighbour a of query i.
     bias: np.ndarray  # [L, n]: rpb index of neighbour a of query i.
-    # Tiled matmul (q.k): query tiles of _TILE, key span per tile.
+    # Tiled matmul (q.k): query tiles of _TILE along this axis, key span per tile.
     n_tiles: int
     span: int
     tile_keys: np.ndarray  # [n_tiles, span] key index of each span position (clipped).
@@ -122,30 +122,35 @@ def _acc_dtype(*xs: jax.Array) -> jnp.dtype:
 def _pairwise(x: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
     """out[..., a*L+b] = x[i, j] . y[key_a(i), key_b(j)]  ->  [B, H, W, h, L*L] (float32+).
 
-    One scan step per row offset a: the rows key_a(i) of y are gathered, and for each tile of
-    _TILE query columns a small matmul against the span of key columns the tile needs is
-    followed by picking the L neighbours of each query out of the span.
+    Tiled: the L x L windows of a tile of _TILE x _TILE queries lie inside a block of
+    span_r x span_c keys (span = _TILE + (L-1)*d for d = 1). One scan step per row of tiles: a
+    matmul of every tile's queries with its key block ([T*T, D] x [D, span_r*span_c] per tile
+    and head), then each query's L*L neighbours are picked out of its row of the product.
     """
     B, H, W, h, D = x.shape
     rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
     acc = _acc_dtype(x, y)
-    nt, T = cols.n_tiles, _TILE
-    xt = jnp.pad(x, ((0, 0), (0, 0), (0, nt * T - W), (0, 0), (0, 0)))
-    xt = xt.reshape(B, H, nt, T, h, D)
-    pick = jnp.asarray(cols.tile_pick)[None, None, :, None, :, :]  # [1, 1, nt, 1, T, L]
-    tile_keys = jnp.asarray(cols.tile_keys)
+    T = _TILE
+    ntr, ntc, Sr, Sc = rows.n_tiles, cols.n_tiles, rows.span, cols.span
+    xp = jnp.pad(x, ((0, 0), (0, ntr * T - H), (0, ntc * T - W), (0, 0), (0, 0)))
+    xp = jnp.moveaxis(xp.reshape(B, ntr, T, ntc, T, h, D), 1, 0)  # [ntr, B, T, ntc, T, h, D]
+    col_keys = jnp.asarray(cols.tile_keys)
+    col_pick = jnp.asarray(cols.tile_pick)[None, :, None, :, None, :]  # [1, ntc, 1, T, 1, L]
 
-    def row_offset(row_keys):
-        y_rows = jnp.take(y, row_keys, axis=1)
-        y_tiles = jnp.take(y_rows, tile_keys, axis=2)  # [B, H, nt, S, h, D]
+    def tile_row(args):
+        x_rows, row_keys, row_pick = args  # [B, T, ntc, T, h, D], [Sr], [T, L]
+        y_block = jnp.take(jnp.take(y, row_keys, axis=1), col_keys, axis=2)  # [B, Sr, ntc, Sc, ..]
         dense = jnp.einsum(
-            "bitxhd,bitshd->bithxs", xt, y_tiles, preferred_element_type=acc
-        )  # [B, H, nt, h, T, S]
-        return jnp.take_along_axis(dense, pick, axis=-1)  # [B, H, nt, h, T, L]
+            "bxtyhd,brtshd->bthxyrs", x_rows, y_block, preferred_element_type=acc
+        ).reshape(B, ntc, h, T * T, Sr * Sc)
+        pick = row_pick[None, None, :, None, :, None] * Sc + col_pick  # [1, ntc, T, T, L, L]
+        pick = pick.reshape(1, ntc, 1, T * T, L * L)
+        return jnp.take_along_axis(dense, pick, axis=-1).reshape(B, ntc, h, T, T, L * L)
 
-    out = jax.lax.map(row_offset, jnp.asarray(rows.keys))  # [L(a), B, H, nt, h, T, L(b)]
-    out = out.transpose(1, 2, 3, 5, 4, 0, 6).reshape(B, H, nt * T, h, L * L)
-    return out[:, :, :W]
+    out = jax.lax.map(tile_row, (xp, jnp.asarray(rows.tile_keys), jnp.asarray(rows.tile_pick)))
+    # [ntr, B, ntc, h, T(x), T(y), L*L] -> [B, H, W, h, L*L]
+    out = out.transpose(1, 0, 4, 2, 5, 3, 6).reshape(B, ntr * T, ntc * T, h, L * L)
+    return out[:, :H, :W]
 
 
 def _weighted_sum(w: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
