@@ -119,8 +119,11 @@ def _acc_dtype(*xs: jax.Array) -> jnp.dtype:
 # The three products. `x`, `y`: [B, H, W, h, D]; `w`: [B, H, W, h, L*L].
 
 
-def _pairwise(x: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
-    """out[..., a*L+b] = x[i, j] . y[key_a(i), key_b(j)]  ->  [B, H, W, h, L*L] (float32+).
+def _pairwise(
+    x: jax.Array, y: jax.Array, L: int, d: int, rpb: jax.Array | None = None
+) -> jax.Array:
+    """out[..., a*L+b] = x[i, j] . y[key_a(i), key_b(j)] (+ rpb[h, pb_a(i), pb_b(j)])
+    ->  [B, H, W, h, L*L] (float32+).
 
     Tiled: the L x L windows of a tile of _TILE x _TILE queries lie inside a block of
     span_r x span_c keys (span = _TILE + (L-1)*d for d = 1). One scan step per row of tiles: a
@@ -136,18 +139,28 @@ def _pairwise(x: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
     xp = jnp.moveaxis(xp.reshape(B, ntr, T, ntc, T, h, D), 1, 0)  # [ntr, B, T, ntc, T, h, D]
     col_keys = jnp.asarray(cols.tile_keys)
     col_pick = jnp.asarray(cols.tile_pick)[None, :, None, :, None, :]  # [1, ntc, 1, T, 1, L]
+    col_query = np.minimum(np.arange(ntc * T), W - 1).reshape(ntc, T)
+    col_bias = jnp.asarray(cols.bias.T[col_query])  # [ntc, T, L]
+    row_query = np.minimum(np.arange(ntr * T), H - 1).reshape(ntr, T)
+    row_bias = jnp.asarray(rows.bias.T[row_query])  # [ntr, T, L]
+    rpb = None if rpb is None else rpb.astype(acc)
 
     def tile_row(args):
-        x_rows, row_keys, row_pick = args  # [B, T, ntc, T, h, D], [Sr], [T, L]
+        x_rows, row_keys, row_pick, row_b = args  # [B, T, ntc, T, h, D], [Sr], [T, L], [T, L]
         y_block = jnp.take(jnp.take(y, row_keys, axis=1), col_keys, axis=2)  # [B, Sr, ntc, Sc, ..]
         dense = jnp.einsum(
             "bxtyhd,brtshd->bthxyrs", x_rows, y_block, preferred_element_type=acc
         ).reshape(B, ntc, h, T * T, Sr * Sc)
         pick = row_pick[None, None, :, None, :, None] * Sc + col_pick  # [1, ntc, T, T, L, L]
         pick = pick.reshape(1, ntc, 1, T * T, L * L)
-        return jnp.take_along_axis(dense, pick, axis=-1).reshape(B, ntc, h, T, T, L * L)
+        out = jnp.take_along_axis(dense, pick, axis=-1).reshape(B, ntc, h, T, T, L, L)
+        if rpb is not None:
+            bias = rpb[:, row_b[:, None, None, :, None], col_bias[None, :, :, None, :]]
+            out = out + jnp.transpose(bias, (2, 0, 1, 3, 4, 5))[None]  # [1, ntc, h, T, T, L, L]
+        return out.reshape(B, ntc, h, T, T, L * L)
 
-    out = jax.lax.map(tile_row, (xp, jnp.asarray(rows.tile_keys), jnp.asarray(rows.tile_pick)))
+    args = (xp, jnp.asarray(rows.tile_keys), jnp.asarray(rows.tile_pick), row_bias)
+    out = jax.lax.map(tile_row, args)
     # [ntr, B, ntc, h, T(x), T(y), L*L] -> [B, H, W, h, L*L]
     out = out.transpose(1, 0, 4, 2, 5, 3, 6).reshape(B, ntr * T, ntc * T, h, L * L)
     return out[:, :H, :W]
@@ -236,16 +249,8 @@ def _scatter_sum(w: jax.Array, x: jax.Array, L: int, d: int) -> jax.Array:
     return jax.lax.fori_loop(0, L, step, jnp.zeros((B, H, W, h, D), acc))
 
 
-def _bias_table(rpb: jax.Array, H: int, W: int, L: int, d: int) -> jax.Array:
-    """rpb [h, 2L-1, 2L-1] -> per-query bias [H, W, h, L*L]."""
-    rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
-    table = rpb[:, rows.bias.T[:, :, None, None], cols.bias.T[None, None, :, :]]
-    # [h, H, L(a), W, L(b)] -> [H, W, h, L*L]
-    return table.transpose(1, 3, 0, 2, 4).reshape(H, W, rpb.shape[0], L * L)
-
-
 def _bias_grad(g: jax.Array, L: int, d: int) -> jax.Array:
-    """Transpose of `_bias_table` (summed over the batch): [B, H, W, h, L*L] -> [h, 2L-1, 2L-1]."""
+    """Gradient of the bias term (summed over the batch): [B, H, W, h, L*L] -> [h, 2L-1, 2L-1]."""
     B, H, W, h, _ = g.shape
     rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
     n = 2 * L - 1
@@ -265,8 +270,7 @@ def _bias_grad(g: jax.Array, L: int, d: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _qk_rpb(query, key, rpb, L, d):
-    _, H, W, _, _ = query.shape
-    logits = _pairwise(query, key, L, d) + _bias_table(rpb, H, W, L, d).astype(_acc_dtype(rpb))
+    logits = _pairwise(query, key, L, d, rpb)
     return logits.astype(jnp.result_type(query, key, rpb))
 
 
