@@ -6,7 +6,9 @@ checkpoints), exports the Refiner checkpoint, then evaluates it with the multi-r
 Refiner on held-out 2048 x 2048 scenes with coarse masks from `perturb_mask` (made at 512 px
 and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`, printing IoU /
 mBA of the coarse and refined masks and the paths of side-by-side PNGs
-(image | coarse | refined | GT).
+(image | coarse | refined | GT). The reference's four-scale schedule is reported first, then
+`config.eval.extra_schedules` (crm_synthetic: 0.5 + 1.0, because its model never saw scenes
+as small as a 2048-px image at scale 0.125).
 """
 
 from __future__ import annotations
@@ -37,15 +39,20 @@ def main(argv: list[str]) -> None:
     print(f"training: {trained - start:.0f} s ({config.total_steps} steps of "
           f"{config.batch_size} x {config.crop_size}^2 crops)")
     e = config.eval
-    results = evaluate(workdir / "refiner", workdir / "eval", folder=e.folder,
-                       scales=tuple(e.scales), num_images=e.num_images, num_pngs=e.num_pngs,
-                       synthetic_size=e.synthetic_size)
+    results = {}
+    for scales in (tuple(e.scales), *[tuple(s) for s in e.get("extra_schedules", ())]):
+        tag = "+".join(f"{s:g}" for s in scales)
+        out = workdir / "eval" / f"scales_{tag}"
+        r = evaluate(workdir / "refiner", out, folder=e.folder, scales=scales,
+                     num_images=e.num_images, num_pngs=e.num_pngs,
+                     synthetic_size=e.synthetic_size)
+        results.update({f"{name}, scales {tag}": v for name, v in r.items()})
+        print(f"metrics: {out / 'metrics.json'}")
     print(f"evaluation: {time.perf_counter() - trained:.0f} s")
     print(markdown_table(results))
     for r in results.values():
         for png in r["pngs"]:
             print(f"preview: {png}")
-    print(f"metrics: {workdir / 'eval' / 'metrics.json'}")
     print(f"total: {time.perf_counter() - start:.0f} s")
 
 
