@@ -109,3 +109,22 @@ def test_coarse_spec_iou_range():
 def test_indivisible_batch_is_an_error(batch, processes):
     with pytest.raises(ValueError, match="divisible"):
         _dataset(batch=batch, process_count=processes)
+
+
+def test_pna_pipeline_scale_crop_ignore_padding():
+    records = []
+    for i in range(3):
+        label = np.zeros((40, 50), np.uint8)
+        label[:, 25:] = 2
+        records.append({"image": np.full((40, 50, 3), 100 + i, np.uint8), "label": label})
+    source = pipeline.RecordSource(records, seed=0, mask_key="label", binarize=False)
+    augment = pipeline.PnaAugment(0, crop=64, scale_range=(0.5, 0.6))  # always padded
+    ds = pipeline.crm_dataset(source, augment, global_batch_size=2)
+    batch = next(pipeline.as_numpy(ds))
+    assert batch["image"].shape == (2, 64, 64, 3) and batch["label"].shape == (2, 64, 64)
+    assert batch["label"].dtype == np.int32
+    assert set(np.unique(batch["label"])) <= {0, 2, 255}
+    assert (batch["label"] == 255).any()  # padding is ignored
+    np.testing.assert_allclose(batch["image"][batch["label"] == 255], 0.0, atol=1e-5)
+    again = next(pipeline.as_numpy(pipeline.crm_dataset(source, augment, global_batch_size=2)))
+    np.testing.assert_array_equal(batch["label"], again["label"])

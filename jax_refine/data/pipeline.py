@@ -16,6 +16,10 @@ index range there — there is no iterator state to save. Process p of P reads p
 [p * B / P, (p + 1) * B / P) of every global batch (its slice for
 `jax.make_array_from_process_local_data`).
 
+The PNA pipeline (`PnaAugment`, same `crm_dataset` indexing) applies random scaling in
+[0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
+label maps.
+
 Query coordinates are not shipped: the train step computes the crop's pixel-centre grid once.
 """
 
@@ -81,15 +85,19 @@ class RecordSource:
 
     records: Sequence[dict[str, Any]]
     seed: int
+    mask_key: str = "mask"
+    binarize: bool = True
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.records)
         epoch, offset = divmod(k, n)
         perm = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
         record = self.records[int(perm[offset])]
-        mask = np.asarray(record["mask"])
+        mask = np.asarray(record[self.mask_key])
         if mask.ndim == 3:
             mask = mask[..., 0]
+        if not self.binarize:  # e.g. semantic label maps (class ids, 255 = ignore)
+            return np.asarray(record["image"]), mask.astype(np.uint8)
         threshold = 128 if mask.max() > 1 else 0
         return np.asarray(record["image"]), (mask > threshold).astype(np.uint8)
 
@@ -183,12 +191,55 @@ class CrmAugment:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class PnaAugment:
+    """PNA training transform: random scale, crop with ignore padding, flip, colour jitter.
+
+    Per example (stateless seeds from (seed, k)): scale by s ~ U[scale_range] (image
+    bilinear, label nearest), colour jitter, pad to at least crop x crop (image with the
+    ImageNet mean, i.e. 0 after normalisation; label with `ignore_label`), random crop and
+    horizontal flip of image and label together, ImageNet normalisation.
+    Output: {'image' float32 [crop, crop, 3], 'label' int32 [crop, crop]}.
+    """
+
+    seed: int
+    crop: int = 512
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    ignore_label: int = 255
+    brightness: float = 0.2
+    contrast: float = 0.05
+    saturation: float = 0.05
+    grayscale_p: float = 0.0
+
+    def __call__(self, tf: Any, image: Any, label: Any, k: Any) -> dict[str, Any]:
+        base = tf.stack([tf.constant(self.seed, tf.int64), k])
+        seeds = tf.cast(tf.random.experimental.stateless_split(base, 7), tf.int32)
+        size = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = tf.random.stateless_uniform([], seeds[0], *self.scale_range)
+        new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+        rgb = tf.image.resize(tf.cast(image, tf.float32) / 255.0, new, method="bilinear")
+        rgb = colour_jitter(tf, tf.clip_by_value(rgb, 0.0, 1.0), seeds[3:7], self.brightness,
+                            self.contrast, self.saturation, self.grayscale_p)
+        lbl = tf.image.resize(label[..., None], new, method="nearest")
+        mean = tf.constant(IMAGENET_MEAN)
+        h, w = new[0], new[1]
+        pads = [[0, tf.maximum(self.crop - h, 0)], [0, tf.maximum(self.crop - w, 0)]]
+        rgb = tf.pad(rgb - mean, pads + [[0, 0]]) + mean
+        lbl = tf.pad(tf.cast(lbl, tf.float32), pads + [[0, 0]],
+                     constant_values=float(self.ignore_label))
+        both = tf.concat([rgb, lbl], axis=-1)
+        both = tf.image.stateless_random_crop(both, [self.crop, self.crop, 4], seeds[1])
+        both = tf.image.stateless_random_flip_left_right(both, seeds[2])
+        return {"image": (both[..., :3] - mean) / tf.constant(IMAGENET_STD),
+                "label": tf.cast(tf.round(both[..., 3]), tf.int32)}
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
 def crm_dataset(
     loader: Loader,
-    augment: CrmAugment,
+    augment: CrmAugment | PnaAugment,
     *,
     global_batch_size: int,
     start_step: int = 0,
@@ -199,7 +250,8 @@ def crm_dataset(
     """tf.data.Dataset of this process's local batches, starting at global step `start_step`.
 
     Elements: {'image' [b, crop, crop, 3], 'mask' [b, crop, crop, 1], 'gt' [b, crop, crop, 1]}
-    float32 with b = global_batch_size / process_count.
+    float32 with b = global_batch_size / process_count (with a `PnaAugment`: {'image',
+    'label' int32 [b, crop, crop]} — the same indexing serves the PNA pipeline).
     """
     tf = _tf()
     if global_batch_size % process_count:
