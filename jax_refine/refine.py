@@ -401,10 +401,18 @@ def _find(directory: Path, stem: str) -> Path | None:
     return matches[0] if matches else None
 
 
-def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, float]:
+    """(intersection, union, mBA) of one prediction: the reference protocol's per-image terms."""
     from jax_refine import metrics
 
-    return metrics.iou(pred, gt), metrics.boundary_accuracy(pred, gt)
+    return (*metrics.intersection_union(pred, gt), metrics.boundary_accuracy(pred, gt))
+
+
+def _summary(scores: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Dataset IoU (sum of intersections / sum of unions) and mean mBA (NaNs skipped)."""
+    inter, union = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    mbas = [s[2] for s in scores if not np.isnan(s[2])]
+    return (inter / union if union else 1.0), (float(np.mean(mbas)) if mbas else float("nan"))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -448,14 +456,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             gt = read_mask(gt_path) > 128
             record["before"] = _scores(coarse > 128, gt)
             record["after"] = _scores(refined, gt)
-            print(f"{name}: IoU {record['before'][0]:.4f} -> {record['after'][0]:.4f}, "
-                  f"mBA {record['before'][1]:.4f} -> {record['after'][1]:.4f}")
+            (iou_0, mba_0), (iou_1, mba_1) = (_summary([record[k]]) for k in ("before", "after"))
+            print(f"{name}: IoU {iou_0:.4f} -> {iou_1:.4f}, mBA {mba_0:.4f} -> {mba_1:.4f}")
         records.append(record)
     scored = [r for r in records if "after" in r]
     if len(scored) > 1:
-        mean = {k: np.mean([r[k] for r in scored], axis=0) for k in ("before", "after")}
-        print(f"mean over {len(scored)} images: IoU {mean['before'][0]:.4f} -> "
-              f"{mean['after'][0]:.4f}, mBA {mean['before'][1]:.4f} -> {mean['after'][1]:.4f}")
+        (iou_0, mba_0), (iou_1, mba_1) = (
+            _summary([r[k] for r in scored]) for k in ("before", "after")
+        )
+        print(f"{len(scored)} images (dataset IoU, mean mBA): IoU {iou_0:.4f} -> {iou_1:.4f}, "
+              f"mBA {mba_0:.4f} -> {mba_1:.4f}")
     return records
 
 
