@@ -57,7 +57,7 @@ def test_pna_optimizer_labels_clipping_and_schedule():
     np.testing.assert_allclose(np.asarray(updates["head"]["w"]), -1e-2, rtol=1e-3)
     np.testing.assert_allclose(np.asarray(updates["backbone"]["w"]), -1e-3, rtol=1e-3)
     clipped, _ = optax.clip_by_global_norm(0.01).update(grads, optax.EmptyState())
-    assert float(optax.global_norm(clipped)) == pytest.approx(0.01, rel=1e-5)
+    assert float(optax.tree.norm(clipped)) == pytest.approx(0.01, rel=1e-5)
     assert float(schedule(0)) == pytest.approx(1e-2)
     assert float(schedule(5)) == pytest.approx(1e-2 * 0.5 ** 0.9, rel=1e-5)
     assert float(schedule(10)) == 0.0

@@ -85,7 +85,7 @@ def crm_train_step(
         "loss": loss,
         **{f"loss_{k}": v for k, v in terms.items()},
         "lr": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
