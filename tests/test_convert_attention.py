@@ -15,15 +15,7 @@ from jax_refine.convert import (  # noqa: E402
 from jax_refine.layers import PNALayer, RestormerBlock  # noqa: E402
 from tests.torch_mirrors import pna_layers as mirror  # noqa: E402
 
-pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(autouse=True)
-def highest_precision():
-    old = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    yield
-    jax.config.update("jax_default_matmul_precision", old)
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("highest_precision")]
 
 
 def _nchw(x: np.ndarray) -> "torch.Tensor":

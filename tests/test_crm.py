@@ -9,13 +9,7 @@ from jax_refine.models.backbones import resnet
 from jax_refine.models.crm import CRM, grid_tables
 from jax_refine.ops import grid
 
-
-@pytest.fixture(autouse=True)
-def highest_precision():
-    old = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    yield
-    jax.config.update("jax_default_matmul_precision", old)
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 def small(level=1):

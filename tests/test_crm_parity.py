@@ -12,15 +12,7 @@ from jax_refine.models.backbones.resnet import ResNet50  # noqa: E402
 from jax_refine.models.crm import CRM  # noqa: E402
 from tests.torch_mirrors import crm as mirror  # noqa: E402
 
-pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(autouse=True)
-def highest_precision():
-    old = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    yield
-    jax.config.update("jax_default_matmul_precision", old)
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("highest_precision")]
 
 
 @pytest.fixture(scope="module")

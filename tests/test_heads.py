@@ -16,7 +16,7 @@ from jax_refine.models.pna import deeplab_resnet, res_features  # noqa: E402
 from jax_refine.ops.pooling import adaptive_avg_pool, avg_pool_valid  # noqa: E402
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+pytestmark = pytest.mark.usefixtures("highest_precision")
 TOL = 1e-4
 
 

@@ -24,7 +24,7 @@ from jax_refine.models.pna import (  # noqa: E402
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 from tests.torch_mirrors import pna as tp  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+pytestmark = pytest.mark.usefixtures("highest_precision")
 TOL = 1e-4
 
 
