@@ -313,19 +313,7 @@ class _ConvBN(nn.Module):
             param_dtype=self.param_dtype,
             name="atrous_conv",
         )(x)
-        return nn.relu(_bn(self, train, "bn")(x))
-
-
-def _bn(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        axis_name=module.axis_name,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        name=name,
-    )
+        return nn.relu(resnet.batch_norm(self, train, "bn")(x))
 
 
 # Branch names of the reference (they name the ResNet-50 channel counts of each level).

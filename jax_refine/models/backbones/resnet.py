@@ -157,17 +157,23 @@ def _layers(module: nn.Module, train: bool):
         )
 
     def norm(name: str):
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            axis_name=module.axis_name,
-            dtype=module.dtype,
-            param_dtype=module.param_dtype,
-            name=name,
-        )
+        return batch_norm(module, train, name)
 
     return conv, norm
+
+
+def batch_norm(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's eps 1e-5 and momentum 0.1 (Flax 0.9), using the calling
+    module's `dtype`, `param_dtype` and `axis_name` (SyncBN over that axis when training)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=module.axis_name,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name=name,
+    )
 
 
 class ResNet(nn.Module):
