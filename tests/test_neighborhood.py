@@ -11,38 +11,12 @@ import numpy as np
 import pytest
 
 from jax_refine.ops.neighborhood import bias_start, na2d_av, na2d_qk, window_start
+from tests.natten_rules import natten_pb_start, natten_window_start
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "natten_0_14_5_cpu.npz"
 
 
 # --- Brute-force reference: NATTEN's integer rules written out literally, one query at a time.
-
-
-def natten_window_start(i: int, n: int, k: int, d: int) -> int:
-    half = k // 2
-    if d <= 1:
-        return max(i - half, 0) + (i + half >= n) * (n - i - half - 1)
-    if i - half * d < 0:
-        return i % d
-    if i + half * d >= n:
-        imodd = i % d
-        a = (n // d) * d
-        b = n - a
-        if imodd < b:
-            return n - b + imodd - 2 * half * d
-        return a + imodd - k * d
-    return i - half * d
-
-
-def natten_pb_start(i: int, n: int, k: int, d: int) -> int:
-    half = k // 2
-    if d <= 1:
-        return half + (i < half) * (half - i) + (i + half >= n) * (n - i - 1 - half)
-    if i - half * d < 0:
-        return k - 1 - i // d
-    if i + half * d >= n:
-        return (n - i - 1) // d
-    return half
 
 
 def brute_indices(H: int, W: int, k: int, d: int):

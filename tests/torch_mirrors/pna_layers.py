@@ -13,34 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _window_start(i: int, n: int, k: int, d: int) -> int:
-    half = k // 2
-    if d <= 1:
-        return max(i - half, 0) + (i + half >= n) * (n - i - half - 1)
-    if i - half * d < 0:
-        return i % d
-    if i + half * d >= n:
-        imodd, a = i % d, (n // d) * d
-        b = n - a
-        return n - b + imodd - 2 * half * d if imodd < b else a + imodd - k * d
-    return i - half * d
-
-
-def _pb_start(i: int, n: int, k: int, d: int) -> int:
-    half = k // 2
-    if d <= 1:
-        return half + (i < half) * (half - i) + (i + half >= n) * (n - i - 1 - half)
-    if i - half * d < 0:
-        return k - 1 - i // d
-    if i + half * d >= n:
-        return (n - i - 1) // d
-    return half
+from tests.natten_rules import natten_pb_start, natten_window_start
 
 
 def _indices(n: int, k: int, d: int):
-    keys = torch.tensor([[_window_start(i, n, k, d) + a * d for a in range(k)] for i in range(n)])
-    bias = torch.tensor([[_pb_start(i, n, k, d) + a for a in range(k)] for i in range(n)])
+    starts = [(natten_window_start(i, n, k, d), natten_pb_start(i, n, k, d)) for i in range(n)]
+    keys = torch.tensor([[key + a * d for a in range(k)] for key, _ in starts])
+    bias = torch.tensor([[pb + a for a in range(k)] for _, pb in starts])
     return keys, bias  # [n, k] each
 
 
