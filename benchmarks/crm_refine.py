@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from procmem import max_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (0.125, 0.25, 0.5, 1.0)
@@ -39,9 +40,6 @@ def scene(height: int, width: int, seed: int = 0):
     return image, (coarse > 0).astype(np.uint8) * 255
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def worker_jax(args) -> dict:
     from jax_refine.refine import Refiner
@@ -52,7 +50,7 @@ def worker_jax(args) -> dict:
     prob = refiner.refine(image, mask, SCALES)
     seconds = time.perf_counter() - start
     foreground = float((prob > 0.5).mean())
-    return {"seconds": seconds, "max_rss_mb": _max_rss_mb(), "foreground": foreground}
+    return {"seconds": seconds, "max_rss_mb": max_rss_mb(), "foreground": foreground}
 
 
 def worker_torch(args) -> dict:
@@ -70,7 +68,7 @@ def worker_torch(args) -> dict:
     prob = mirror.refine_multiscale(model, *mirror.normalise(image, mask), scales=SCALES)
     seconds = time.perf_counter() - start
     foreground = float((prob > 0.5).float().mean())
-    return {"seconds": seconds, "max_rss_mb": _max_rss_mb(), "foreground": foreground}
+    return {"seconds": seconds, "max_rss_mb": max_rss_mb(), "foreground": foreground}
 
 
 def make_weights(directory: Path) -> tuple[Path, Path]:

@@ -34,20 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from procmem import reset_peak, rss_kb  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _measure(run, repeats: int) -> tuple[float, float]:
@@ -56,10 +47,10 @@ def _measure(run, repeats: int) -> tuple[float, float]:
     The memory is taken on the first run: XLA keeps an executable's temporary buffers for
     later runs, so only the first run's peak shows them.
     """
-    before = _rss_kb("VmRSS")
-    _reset_peak()
+    before = rss_kb("VmRSS")
+    reset_peak()
     run()
-    peak_mib = (_rss_kb("VmHWM") - before) / 1024
+    peak_mib = (rss_kb("VmHWM") - before) / 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,29 +33,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procmem import max_rss_mb, reset_peak, rss_kb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _measure(run, repeats: int) -> dict:
-    before = _rss_kb("VmRSS")
-    _reset_peak()
+    before = rss_kb("VmRSS")
+    reset_peak()
     out = run()  # warm-up; its peak is the forward's working memory
-    forward_peak = (_rss_kb("VmHWM") - before) / 1024
+    forward_peak = (rss_kb("VmHWM") - before) / 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -65,7 +54,7 @@ def _measure(run, repeats: int) -> dict:
     return {
         "seconds": sorted(times)[len(times) // 2],
         "forward_peak_mb": forward_peak,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mb": max_rss_mb(),
         "out": out,
     }
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from procmem import max_rss_mb  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _batch(batch: int, crop: int):
@@ -70,7 +68,7 @@ def worker_jax(args) -> dict:
         state, metrics = train_step(state, batch)
         loss = float(metrics["loss"])
     seconds = (time.perf_counter() - start) / args.steps
-    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": _max_rss_mb(), "loss": loss}
+    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": max_rss_mb(), "loss": loss}
 
 
 def worker_torch(args) -> dict:
@@ -117,7 +115,7 @@ def worker_torch(args) -> dict:
     for _ in range(args.steps):
         loss = step()
     seconds = (time.perf_counter() - start) / args.steps
-    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": _max_rss_mb(), "loss": loss}
+    return {"seconds": seconds, "warmup": warmup, "max_rss_mb": max_rss_mb(), "loss": loss}
 
 
 def run_worker(kind: str, args) -> dict:
