@@ -146,16 +146,30 @@ class ConvNorm(nn.Module):
         return nn.relu(x) if self.activation else x
 
 
-def _classifier(num_classes: int, std: float, dtype: Any, param_dtype: Any, name: str) -> nn.Conv:
+def _layer_kwargs(module: nn.Module, **extra: Any) -> dict[str, Any]:
+    """The sync axis and dtypes every head passes to its sub-layers, plus `extra`."""
+    return dict(axis_name=module.axis_name, dtype=module.dtype, param_dtype=module.param_dtype,
+                **extra)
+
+
+def _classifier(module: nn.Module, std: float, name: str) -> nn.Conv:
+    """The 1x1 classifier (with bias) of `module.num_classes`; std 0 = MSRA fill."""
     return nn.Conv(
-        num_classes,
+        module.num_classes,
         (1, 1),
         kernel_init=nn.initializers.normal(std) if std else c2_msra_fill,
         bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
         name=name,
     )
+
+
+def _upsample_pooled(y: Array, size: tuple[int, int]) -> Array:
+    """A pooled map [B, h, w, C] bilinearly resized (align_corners=False) to `size`."""
+    if y.shape[1:3] == (1, 1):  # a constant map: broadcasting is the same and free
+        return jnp.broadcast_to(y, (y.shape[0], *size, y.shape[-1]))
+    return resize_bilinear(y, size, align_corners=False)
 
 
 def _feature(features: Mapping[str, Array], name: str, head: str) -> Array:
@@ -191,7 +205,7 @@ class ASPP(nn.Module):
         if len(self.dilations) != 3:
             raise ValueError(f"ASPP expects 3 dilations, got {self.dilations}")
         size = x.shape[1:3]
-        kw = dict(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = _layer_kwargs(self)
         outs = [ConvNorm(self.channels, 1, norm=self.norm, name="convs_0", **kw)(x, train=train)]
         for i, d in enumerate(self.dilations, start=1):
             conv = ConvNorm(self.channels, 3, d, norm=self.norm, name=f"convs_{i}", **kw)
@@ -207,10 +221,7 @@ class ASPP(nn.Module):
                 )
             pooled = avg_pool_valid(x, self.pool_kernel_size)
         pooled = ConvNorm(self.channels, 1, norm="", name="convs_4", **kw)(pooled)
-        if pooled.shape[1:3] == (1, 1):
-            pooled = jnp.broadcast_to(pooled, (pooled.shape[0], *size, pooled.shape[-1]))
-        else:
-            pooled = resize_bilinear(pooled, size, align_corners=False)
+        pooled = _upsample_pooled(pooled, size)
         x = jnp.concatenate(outs + [pooled], axis=-1)
         x = ConvNorm(self.channels, 1, norm=self.norm, name="project", **kw)(x, train=train)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -247,12 +258,10 @@ class DeepLabV3Head(nn.Module):
             norm=self.norm,
             pool_kernel_size=self.pool_kernel_size,
             dropout=self.aspp_dropout,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
             name="aspp",
+            **_layer_kwargs(self),
         )(x, train=train)
-        return _classifier(self.num_classes, 0.001, self.dtype, self.param_dtype, "predictor")(x)
+        return _classifier(self, 0.001, "predictor")(x)
 
 
 class FCNHead(nn.Module):
@@ -285,9 +294,7 @@ class FCNHead(nn.Module):
         if self.num_convs < 1:
             raise ValueError(f"num_convs must be >= 1, got {self.num_convs}")
         x = _feature(features, self.in_feature, "FCNHead")
-        kw = dict(
-            norm=self.norm, axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        kw = _layer_kwargs(self, norm=self.norm)
         y = x
         for i in range(self.num_convs):
             y = ConvNorm(self.channels, 3, name=f"convs_{i}", **kw)(y, train=train)
@@ -295,7 +302,7 @@ class FCNHead(nn.Module):
             y = jnp.concatenate([x, y], axis=-1)
             y = ConvNorm(self.channels, 3, name="conv_cat", **kw)(y, train=train)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return _classifier(self.num_classes, 0.01, self.dtype, self.param_dtype, "conv_seg")(y)
+        return _classifier(self, 0.01, "conv_seg")(y)
 
 
 class PSPHead(nn.Module):
@@ -324,23 +331,16 @@ class PSPHead(nn.Module):
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
         x = _feature(features, self.in_feature, "PSPHead")
-        size = x.shape[1:3]
-        kw = dict(
-            norm=self.norm, axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        kw = _layer_kwargs(self, norm=self.norm)
         outs = [x]
         for i, scale in enumerate(self.pool_scales):
             y = adaptive_avg_pool(x, scale)
             y = ConvNorm(self.channels, 1, name=f"psp_modules_{i}", **kw)(y, train=train)
-            if y.shape[1:3] == (1, 1):
-                y = jnp.broadcast_to(y, (y.shape[0], *size, y.shape[-1]))
-            else:
-                y = resize_bilinear(y, size, align_corners=False)
-            outs.append(y)
+            outs.append(_upsample_pooled(y, x.shape[1:3]))
         y = jnp.concatenate(outs, axis=-1)
         y = ConvNorm(self.channels, 3, name="bottleneck", **kw)(y, train=train)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return _classifier(self.num_classes, 0.01, self.dtype, self.param_dtype, "conv_seg")(y)
+        return _classifier(self, 0.01, "conv_seg")(y)
 
 
 def _level(name: str, prefix: str) -> int:
@@ -369,13 +369,7 @@ class FPN(nn.Module):
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
-        kw = dict(
-            norm=self.norm,
-            activation=False,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        kw = _layer_kwargs(self, norm=self.norm, activation=False)
         levels = [_level(f, "res") for f in self.in_features]
         results: dict[str, Array] = {}
         prev = None
@@ -423,13 +417,7 @@ class SemSegFPNHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
-        kw = dict(
-            norm=self.norm,
-            kernel_init=c2_msra_fill,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        kw = _layer_kwargs(self, norm=self.norm, kernel_init=c2_msra_fill)
         common = int(math.log2(self.common_stride))
         total = None
         for name in self.in_features:
@@ -440,7 +428,7 @@ class SemSegFPNHead(nn.Module):
                 if k != common:
                     y = resize_bilinear(y, (2 * y.shape[1], 2 * y.shape[2]), align_corners=False)
             total = y if total is None else total + y
-        return _classifier(self.num_classes, 0.0, self.dtype, self.param_dtype, "predictor")(total)
+        return _classifier(self, 0.0, "predictor")(total)
 
 
 class SemanticFPNHead(nn.Module):
@@ -468,7 +456,7 @@ class SemanticFPNHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
-        kw = dict(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = _layer_kwargs(self)
         p = FPN(self.fpn_channels, norm=self.fpn_norm, name="fpn", **kw)(features, train=train)
         head = SemSegFPNHead(
             self.num_classes, self.conv_dims, self.common_stride, norm=self.norm, name="head", **kw
