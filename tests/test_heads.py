@@ -149,24 +149,17 @@ def test_fpn_rejects_sizes_not_divisible_by_32():
         heads.FPN(32).init(jax.random.PRNGKey(0), feats)
 
 
-def test_fcn_head_parity():
-    mirror = d2.randomize(d2.FCNHead(4, cin=48, channels=32), seed=7)
-    x = rand((2, 5, 7, 48), seed=8)
+@pytest.mark.parametrize(
+    "kind, mirror_cls, head_cls, size",
+    [("fcn", d2.FCNHead, heads.FCNHead, (5, 7)), ("psp", d2.PSPHead, heads.PSPHead, (7, 11))],
+)
+def test_mmseg_head_parity_odd_size(kind, mirror_cls, head_cls, size):
+    mirror = d2.randomize(mirror_cls(4, cin=48, channels=32), seed=7)
+    x = rand((2, *size, 48), seed=8)
     with torch.no_grad():
         want = nhwc(mirror(nchw(x)))
-    variables = convert.coarse_head_variables(mirror.state_dict(), "fcn")
-    head = heads.FCNHead(4, channels=32)
-    assert_same_tree(variables, head, {"res5": jnp.asarray(x)})
-    assert max_err(head.apply(variables, {"res5": jnp.asarray(x)}), want) <= TOL
-
-
-def test_psp_head_parity_odd_size():
-    mirror = d2.randomize(d2.PSPHead(4, cin=48, channels=32), seed=9)
-    x = rand((2, 7, 11, 48), seed=10)
-    with torch.no_grad():
-        want = nhwc(mirror(nchw(x)))
-    variables = convert.coarse_head_variables(mirror.state_dict(), "psp")
-    head = heads.PSPHead(4, channels=32)
+    variables = convert.coarse_head_variables(mirror.state_dict(), kind)
+    head = head_cls(4, channels=32)
     assert_same_tree(variables, head, {"res5": jnp.asarray(x)})
     assert max_err(head.apply(variables, {"res5": jnp.asarray(x)}), want) <= TOL
 
