@@ -53,8 +53,25 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None
 
 
-class _ProblemsMixin:
-    """Collects problems (with paths) found while generating; raises if nothing is usable."""
+class _FolderBuilder(_LocalBuilder, skip_registration=True):
+    """Base of the builders over user folders.
+
+    The folders are the dataset's identity (`identity` names one build per folder set).
+    Problems found while generating are collected with their paths and logged; a build with
+    no usable example is an error that quotes them.
+    """
+
+    def __init__(self, *, identity: str, description: str, **kwargs: Any):
+        self.problems: list[str] = []
+        config = tfds.core.BuilderConfig(name=identity, description=description)
+        super().__init__(config=config, **kwargs)
+
+    def _folder_info(self, features: dict[str, Any], **metadata: Any) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(features),
+            metadata=tfds.core.MetadataDict(**metadata) if metadata else None,
+        )
 
     def _report(self, message: str) -> None:
         self.problems.append(message)
@@ -121,7 +138,7 @@ class SyntheticScenes(_LocalBuilder):
 # ----------------------------------------------------------------------------- refinement
 
 
-class RefineFolder(_ProblemsMixin, _LocalBuilder):
+class RefineFolder(_FolderBuilder):
     """Refinement pairs from local folders.
 
     Args (constructor):
@@ -140,24 +157,20 @@ class RefineFolder(_ProblemsMixin, _LocalBuilder):
             raise ValueError(f"layout must be 'pairs' or 'big', got {layout!r}")
         self.folders = _folders(folders)
         self.layout = layout
-        self.problems: list[str] = []
-        # The folders are part of the dataset's identity (one build per folder set).
-        config = tfds.core.BuilderConfig(
-            name=f"{layout}_{_digest([str(f) for f in self.folders])}",
-            description=f"{layout} from {', '.join(str(f) for f in self.folders)}")
-        super().__init__(config=config, **kwargs)
+        super().__init__(
+            identity=f"{layout}_{_digest([str(f) for f in self.folders])}",
+            description=f"{layout} from {', '.join(str(f) for f in self.folders)}",
+            **kwargs,
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "mask": tfds.features.Image(shape=(None, None, 1)),
-                "coarse": tfds.features.Image(shape=(None, None, 1)),
-                "has_coarse": np.bool_,
-                "name": tfds.features.Text(),
-            }),
-        )
+        return self._folder_info({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "mask": tfds.features.Image(shape=(None, None, 1)),
+            "coarse": tfds.features.Image(shape=(None, None, 1)),
+            "has_coarse": np.bool_,
+            "name": tfds.features.Text(),
+        })
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -224,7 +237,7 @@ class RefineFolder(_ProblemsMixin, _LocalBuilder):
 # ----------------------------------------------------------------------------- semantic
 
 
-class SemanticFolder(_ProblemsMixin, _LocalBuilder):
+class SemanticFolder(_FolderBuilder):
     """Semantic segmentation from an image folder and a label-map folder.
 
     Args (constructor):
@@ -252,22 +265,22 @@ class SemanticFolder(_ProblemsMixin, _LocalBuilder):
             raise ValueError("class_names is empty")
         self.class_names = list(class_names)
         self.split_name = split
-        self.problems: list[str] = []
-        config = tfds.core.BuilderConfig(
-            name=f"{split}_{_digest(str(self.image_dir), str(self.label_dir), self.class_names)}",
-            description=f"{self.image_dir} + {self.label_dir}")
-        super().__init__(config=config, **kwargs)
+        digest = _digest(str(self.image_dir), str(self.label_dir), self.class_names)
+        super().__init__(
+            identity=f"{split}_{digest}",
+            description=f"{self.image_dir} + {self.label_dir}",
+            **kwargs,
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
+        return self._folder_info(
+            {
                 "image": tfds.features.Image(shape=(None, None, 3)),
                 "label": tfds.features.Image(shape=(None, None, 1)),
                 "name": tfds.features.Text(),
-            }),
-            metadata=tfds.core.MetadataDict(class_names=self.class_names,
-                                            ignore_label=self.IGNORE_LABEL),
+            },
+            class_names=self.class_names,
+            ignore_label=self.IGNORE_LABEL,
         )
 
     def _split_generators(self, dl_manager):
