@@ -65,47 +65,13 @@ def image(size: int) -> np.ndarray:
 
 def torch_model():
     """The mirror: R-52 at output stride 32, mmseg FCNHead, PNA head (unfold attention)."""
-    import torch
-    import torch.nn.functional as F
-
     sys.path.insert(0, str(ROOT))
-    from jax_refine.ops.neighborhood import bias_start, window_start
     from tests.torch_mirrors import detectron2 as d2
     from tests.torch_mirrors import pna as tp
     from tests.torch_mirrors import pna_layers
 
-    def neighbourhood(x, L, rows, cols):
-        """[B, h, H, W, D] -> [B, h, H, W, L*L, D]: every query's clamped window."""
-        B, heads, H, W, D = x.shape
-        x = x.permute(0, 1, 4, 2, 3).reshape(B, heads * D, H, W)
-        cols_ = F.unfold(x, L).reshape(B, heads, D, L * L, H - L + 1, W - L + 1)
-        cols_ = cols_[:, :, :, :, rows][:, :, :, :, :, cols]
-        return cols_.permute(0, 1, 4, 5, 3, 2)
-
-    def forward(self, x, v):  # replaces the brute-force loop of the mirror's attention
-        B, H0, W0, C = x.shape
-        L = self.kernel_size
-        pad_b, pad_r = max(L - H0, 0), max(L - W0, 0)
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        v = F.pad(v, (0, 0, 0, pad_r, 0, pad_b))
-        _, H, W, _ = x.shape
-        heads, hd = self.num_heads, self.head_dim
-        v = self.embed_v(v).reshape(B, H, W, heads, hd).permute(0, 3, 1, 2, 4)
-        qk = self.qk(x).reshape(B, H, W, 2, heads, hd).permute(3, 0, 4, 1, 2, 5)
-        q, k = qk[0] * self.scale, qk[1]
-        rows, cols = torch.from_numpy(window_start(H, L)), torch.from_numpy(window_start(W, L))
-        br = torch.from_numpy(bias_start(H, L))[:, None] + torch.arange(L)[None]
-        bc = torch.from_numpy(bias_start(W, L))[:, None] + torch.arange(L)[None]
-        bias = self.rpb[:, br.reshape(-1)][:, :, bc.reshape(-1)].reshape(heads, H, L, W, L)
-        bias = bias.permute(0, 1, 3, 2, 4).reshape(heads, H, W, L * L)
-        logits = torch.einsum("bhijd,bhijnd->bhijn", q, neighbourhood(k, L, rows, cols)) + bias
-        out = torch.einsum(
-            "bhijn,bhijnd->bhijd", logits.softmax(-1), neighbourhood(v, L, rows, cols)
-        )
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)[:, :H0, :W0]
-        return self.proj(out)
-
-    pna_layers.NeighborhoodCrossAttention.forward = forward
+    attention = pna_layers.NeighborhoodCrossAttention
+    attention.neighbourhood_ops = (pna_layers.unfold_qkrpb, pna_layers.unfold_av)
     backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=1, multi_grid=(1, 1, 1))
     pna = tp.PNAHead((256, 512, 1024, 2048), NUM_CLASSES)
     model = tp.PNASegmentor(backbone, FCNCoarse(d2.FCNHead(NUM_CLASSES)), pna, 0)

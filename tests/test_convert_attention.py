@@ -87,3 +87,20 @@ def test_converter_lists_missing_and_unexpected_keys():
         restormer_block_params(sam)
     with pytest.raises(KeyError, match="no state_dict key"):
         pna_layer_params(state, "stages.res3.")
+
+
+@pytest.mark.parametrize("H, W, kernel, dilation", [(9, 13, 3, 1), (11, 7, 3, 2), (7, 7, 7, 1)])
+def test_unfold_neighbourhood_ops_match_the_loop(H, W, kernel, dilation):
+    """The benchmarks' F.unfold ops compute what the mirror's brute-force loop does."""
+    rng = np.random.default_rng(3)
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 3, H, W, 4)).astype(np.float32))
+               for _ in range(3))
+    rpb = torch.from_numpy(rng.standard_normal((3, 2 * kernel - 1, 2 * kernel - 1))
+                           .astype(np.float32))
+    for bias in (rpb, None):
+        logits = mirror.natten_qkrpb(q, k, bias, kernel, dilation)
+        torch.testing.assert_close(mirror.unfold_qkrpb(q, k, bias, kernel, dilation), logits,
+                                   atol=1e-5, rtol=0)
+    attn = logits.softmax(-1)
+    torch.testing.assert_close(mirror.unfold_av(attn, v, kernel, dilation),
+                               mirror.natten_av(attn, v, kernel, dilation), atol=1e-5, rtol=0)

@@ -3,8 +3,11 @@
 Written from the reference's parameter names, shapes and order of operations (liutinglt/PNA
 `pna/pna.py`, `pna/restomer.py`, NATTEN's `NeighborhoodCrossAttention`), not copied. NCHW as
 the reference. The NATTEN kernels are replaced by a brute-force loop over the window with
-NATTEN's integer rules, and the cross-attention pads the value map as well as the query map
-(the reference pads only the query and fails on maps smaller than the window).
+NATTEN's integer rules (`natten_qkrpb`, `natten_av`), and the cross-attention pads the value
+map as well as the query map (the reference pads only the query and fails on maps smaller
+than the window). `unfold_qkrpb` / `unfold_av` compute the same with `F.unfold` (fast, but
+they materialise every window); benchmarks switch to them through
+`NeighborhoodCrossAttention.neighbourhood_ops`.
 """
 
 from __future__ import annotations
@@ -51,8 +54,42 @@ def natten_av(attn, v, kernel_size, dilation):
     return out
 
 
+def _windows(x, kernel_size, dilation):
+    """x [B, heads, H, W, D] -> [B, heads, H, W, L*L, D]: each query's window (F.unfold over
+    every window start, then each query's NATTEN start)."""
+    B, heads, H, W, D = x.shape
+    L, span = kernel_size, (kernel_size - 1) * dilation
+    rows, _ = _indices(H, L, dilation)
+    cols, _ = _indices(W, L, dilation)
+    unfolded = F.unfold(x.permute(0, 1, 4, 2, 3).reshape(B, heads * D, H, W), L,
+                        dilation=dilation).reshape(B, heads, D, L * L, H - span, W - span)
+    return unfolded[:, :, :, :, rows[:, 0]][:, :, :, :, :, cols[:, 0]].permute(0, 1, 4, 5, 3, 2)
+
+
+def unfold_qkrpb(q, k, rpb, kernel_size, dilation):
+    """`natten_qkrpb` through `F.unfold`."""
+    _, heads, H, W, _ = q.shape
+    logits = torch.einsum("bhijd,bhijnd->bhijn", q, _windows(k, kernel_size, dilation))
+    if rpb is None:
+        return logits
+    _, br = _indices(H, kernel_size, dilation)
+    _, bc = _indices(W, kernel_size, dilation)
+    bias = rpb[:, br][:, :, :, bc]  # [heads, H, L, W, L]
+    return logits + bias.permute(0, 1, 3, 2, 4).reshape(heads, H, W, kernel_size**2)
+
+
+def unfold_av(attn, v, kernel_size, dilation):
+    """`natten_av` through `F.unfold`."""
+    return torch.einsum("bhijn,bhijnd->bhijd", attn, _windows(v, kernel_size, dilation))
+
+
 class NeighborhoodCrossAttention(nn.Module):
-    """Input and output NHWC (as NATTEN's module)."""
+    """Input and output NHWC (as NATTEN's module).
+
+    `neighbourhood_ops` = (qk + rpb, av) implementation, shared by all instances.
+    """
+
+    neighbourhood_ops = (natten_qkrpb, natten_av)
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, qkv_bias=True):
         super().__init__()
@@ -76,8 +113,9 @@ class NeighborhoodCrossAttention(nn.Module):
         v = self.embed_v(v).reshape(B, H, W, heads, hd).permute(0, 3, 1, 2, 4)
         qk = self.qk(x).reshape(B, H, W, 2, heads, hd).permute(3, 0, 4, 1, 2, 5)
         q, k = qk[0] * self.scale, qk[1]
-        attn = natten_qkrpb(q, k, self.rpb, self.kernel_size, self.dilation).softmax(dim=-1)
-        x = natten_av(attn, v, self.kernel_size, self.dilation)
+        qkrpb, av = self.neighbourhood_ops
+        attn = qkrpb(q, k, self.rpb, self.kernel_size, self.dilation).softmax(dim=-1)
+        x = av(attn, v, self.kernel_size, self.dilation)
         x = x.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)[:, :H0, :W0]
         return self.proj(x)
 
