@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 from procmem import max_rss_mb, reset_peak, rss_kb  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
-
-
 
 
 def _measure(run, repeats: int) -> dict:
@@ -159,19 +157,6 @@ def worker_jax(args) -> dict:
     return result
 
 
-def run_worker(kind: str, args, weights: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--weights", str(weights),
-           "--size", str(args.size), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if kind == "torch":
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +183,10 @@ def main() -> None:
         results = {}
         for kind in ("jax", "torch"):
             out = Path(tmp) / f"{kind}.npy"
-            results[kind] = run_worker(kind, args, weights, out)
+            results[kind] = run_worker(
+                __file__, kind, ["--weights", str(weights), "--size", str(args.size),
+                                 "--repeats", str(args.repeats), "--threads", str(args.threads),
+                                 "--out", str(out)], args.threads)
             results[kind]["logits"] = np.load(out)
             r = results[kind]
             extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
