@@ -7,16 +7,28 @@ truth g in [0, 1], all [B, H, W, 1],
            + 2.0 * L1(sobel(g), sobel(p)),
 
 every term a mean over all pixels (`jax_refine.ops.sobel`).
+
+PNA (reference `pna/pna.py`, `pna/loss.py`, detectron2's semantic heads): every prediction
+P0..P4 [B, h, w, K] is upsampled bilinearly (align_corners=False) to the label size [B, H, W]
+and scored with per-pixel cross-entropy, label 255 ignored;
+
+    loss = 1.0 * L(P0) + 0.1 * (L(P1) + L(P2) + L(P3) + L(P4)),
+
+L being 'cross_entropy' (mean over the valid pixels) or 'hard_pixel_mining' (the official
+`DeepLabCE(top_k_percent_pixels=0.2)`, see `hard_pixel_cross_entropy`). The official configs
+pick L per head (e.g. Cityscapes FPN: P0 mining, P1..P4 plain cross-entropy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jax_refine.ops.resize import resize_bilinear
 from jax_refine.ops.sobel import sobel
 
 Array = Any
@@ -55,4 +67,101 @@ def crm_loss(
     weights = CRM_WEIGHTS if weights is None else weights
     terms = crm_loss_terms(logits, gt)
     total = sum(weights[k] * terms[k] for k in CRM_WEIGHTS)
+    return total, terms
+
+
+# ----------------------------------------------------------------------------- PNA
+
+IGNORE_LABEL = 255
+HARD_PIXEL_RATIO = 0.2  # official DeepLabCE(top_k_percent_pixels=0.2)
+PNA_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+
+
+def pixel_cross_entropy(
+    logits: Array, labels: Array, ignore_label: int = IGNORE_LABEL
+) -> tuple[Array, Array]:
+    """Per-pixel cross-entropy of [B, H, W, K] logits against int [B, H, W] labels.
+
+    Returns (losses float32 [B, H, W], 0 at ignored pixels; valid bool [B, H, W]).
+    Labels other than `ignore_label` must be in 0..K-1.
+    """
+    if logits.shape[:-1] != labels.shape or logits.ndim != 4:
+        raise ValueError(f"expected logits [B, H, W, K] and labels [B, H, W], got "
+                         f"{logits.shape} and {labels.shape}")
+    valid = labels != ignore_label
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.where(valid, losses, 0.0), valid
+
+
+def cross_entropy(logits: Array, labels: Array, ignore_label: int = IGNORE_LABEL) -> Array:
+    """Mean cross-entropy over the valid pixels of the batch (PyTorch `CrossEntropyLoss(
+    ignore_index=255)`). A batch without valid pixels gives 0 (PyTorch gives NaN)."""
+    losses, valid = pixel_cross_entropy(logits, labels, ignore_label)
+    return losses.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def hard_pixel_cross_entropy(
+    logits: Array, labels: Array, ratio: float = HARD_PIXEL_RATIO,
+    ignore_label: int = IGNORE_LABEL,
+) -> Array:
+    """Hard-pixel mining, exactly the official `DeepLabCE`: the mean of the k largest
+    per-pixel losses of the whole batch, k = int(ratio * B * H * W).
+
+    As in the reference, the top k is taken per batch (not per image) over ALL pixels, the
+    ignored ones counting as loss 0 (so a batch with few valid pixels averages in zeros, and
+    an all-ignore batch gives exactly 0). Deviation: the reference's mean of an empty top-k
+    (k = 0, fewer than 1 / ratio pixels) is NaN; here k is at least 1. ratio = 1 is the
+    plain mean over all pixels (ignored included), as the reference's shortcut.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    losses, _ = pixel_cross_entropy(logits, labels, ignore_label)
+    losses = losses.reshape(-1)
+    if ratio == 1.0:
+        return losses.mean()
+    k = max(1, int(ratio * losses.size))
+    return jax.lax.top_k(losses, k)[0].mean()
+
+
+def semantic_loss(
+    logits: Array, labels: Array, loss_type: str, *, ratio: float = HARD_PIXEL_RATIO,
+    ignore_label: int = IGNORE_LABEL,
+) -> Array:
+    """`loss_type` ('cross_entropy' or 'hard_pixel_mining') of logits at the labels' size."""
+    if loss_type == "cross_entropy":
+        return cross_entropy(logits, labels, ignore_label)
+    if loss_type == "hard_pixel_mining":
+        return hard_pixel_cross_entropy(logits, labels, ratio, ignore_label)
+    raise ValueError(f"loss_type must be one of {PNA_LOSS_TYPES}, got {loss_type!r}")
+
+
+def pna_loss(
+    stage_logits: Sequence[Array],
+    labels: Array,
+    *,
+    coarse_loss: str = "hard_pixel_mining",
+    stage_loss: str = "hard_pixel_mining",
+    coarse_weight: float = 1.0,
+    stage_weight: float = 0.1,
+    ratio: float = HARD_PIXEL_RATIO,
+    ignore_label: int = IGNORE_LABEL,
+) -> tuple[Array, dict[str, Array]]:
+    """(weighted total, unweighted terms {'p0'..'p4'}) of the PNA loss (module docstring).
+
+    Args:
+      stage_logits: [P0, P1, ...], each [B, h, w, K] at its own stride.
+      labels: int [B, H, W], `ignore_label` = void.
+      coarse_loss, stage_loss: loss type of P0 and of P1..; coarse_weight, stage_weight:
+        their weights (official 1.0 and 0.1).
+    """
+    size = labels.shape[1:3]
+    terms = {}
+    for i, logits in enumerate(stage_logits):
+        if logits.shape[1:3] != size:
+            logits = resize_bilinear(logits.astype(jnp.float32), size, align_corners=False)
+        terms[f"p{i}"] = semantic_loss(logits, labels, coarse_loss if i == 0 else stage_loss,
+                                       ratio=ratio, ignore_label=ignore_label)
+    total = sum((coarse_weight if i == 0 else stage_weight) * terms[f"p{i}"]
+                for i in range(len(stage_logits)))
     return total, terms
