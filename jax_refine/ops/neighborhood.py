@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["na2d_qk", "na2d_av", "window_start", "bias_start"]
 
-_TILE = 8  # the q.k matmul works on tiles of _TILE x _TILE queries.
+_TILE = 8  # q.k works on tiles of (up to) _TILE x _TILE queries.
 
 
 def window_start(length: int, kernel_size: int, dilation: int = 1) -> np.ndarray:
@@ -72,11 +72,14 @@ class _Axis(NamedTuple):
 
     keys: np.ndarray  # [L, n]: key index of neighbour a of query i.
     bias: np.ndarray  # [L, n]: rpb index of neighbour a of query i.
-    # Tiled matmul (q.k): query tiles of _TILE along this axis, key span per tile.
-    n_tiles: int
-    span: int
-    tile_keys: np.ndarray  # [n_tiles, span] key index of each span position (clipped).
-    tile_pick: np.ndarray  # [n_tiles, _TILE, L] span position of neighbour a of each query.
+    # Tiled products (q.k): tiles of `tile` consecutive queries; the last tile is shifted back
+    # to end at n (it overlaps its neighbour) so that no padding is needed.
+    tile: int
+    tile_first: np.ndarray  # [n_tiles] first query of each tile.
+    span_first: np.ndarray  # [n_tiles] first key of the key span that holds the tile's windows.
+    span: int  # keys per span (the same for every tile).
+    tile_of: np.ndarray  # [n] the tile that produces query i's output.
+    pick: np.ndarray  # [n, L] position of key a of query i inside its tile's span.
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,17 +94,26 @@ def _axis_plan(length: int, kernel_size: int, dilation: int) -> _Axis:
     i = np.arange(length)
     assert np.array_equal(keys, i[None, :] + (bias - (L - 1)) * d), "window rule mismatch"
 
-    n_tiles = -(-length // _TILE)
-    q_of_tile = np.minimum(np.arange(n_tiles * _TILE), length - 1).reshape(n_tiles, _TILE)
-    lo = start[q_of_tile].min(axis=1)
-    hi = start[q_of_tile].max(axis=1) + (L - 1) * d
-    span = int((hi - lo + 1).max())
-    span = min(span, length)
-    tile_lo = np.minimum(lo, length - span)
-    tile_keys = (tile_lo[:, None] + np.arange(span)[None, :]).astype(np.int32)
-    tile_pick = (keys.T[q_of_tile] - tile_lo[:, None, None]).astype(np.int32)
-    assert tile_pick.min() >= 0 and tile_pick.max() < span
-    return _Axis(keys, bias, n_tiles, span, tile_keys, tile_pick)
+    tile = min(_TILE, length)
+    n_tiles = -(-length // tile)
+    tile_first = np.minimum(np.arange(n_tiles) * tile, length - tile)
+    queries = tile_first[:, None] + np.arange(tile)[None, :]  # [n_tiles, tile]
+    lo = start[queries].min(axis=1)
+    span = int((start[queries].max(axis=1) + (L - 1) * d - lo + 1).max())
+    span_first = np.minimum(lo, length - span)
+    tile_of = np.minimum(i // tile, n_tiles - 1)
+    pick = keys.T - span_first[tile_of][:, None]
+    assert pick.min() >= 0 and pick.max() < span
+    return _Axis(
+        keys,
+        bias,
+        tile,
+        tile_first.astype(np.int32),
+        span_first.astype(np.int32),
+        span,
+        tile_of.astype(np.int32),
+        pick.astype(np.int32),
+    )
 
 
 def _check_inputs(name: str, x: jax.Array, kernel_size: int, dilation: int) -> None:
@@ -125,45 +137,54 @@ def _pairwise(
     """out[..., a*L+b] = x[i, j] . y[key_a(i), key_b(j)] (+ rpb[h, pb_a(i), pb_b(j)])
     ->  [B, H, W, h, L*L] (float32+).
 
-    Tiled: the L x L windows of a tile of _TILE x _TILE queries lie inside a block of
-    span_r x span_c keys (span = _TILE + (L-1)*d for d = 1). One scan step per row of tiles: a
-    matmul of every tile's queries with its key block ([T*T, D] x [D, span_r*span_c] per tile
-    and head), then each query's L*L neighbours are picked out of its row of the product.
+    Tiled: the L x L windows of a tile of 8 x 8 queries lie inside a span of Sr x Sc keys
+    (S = 8 + (L-1)*d). One loop step per row of tiles: a batched matmul of every tile's key
+    span with its queries ([Sr*Sc, D] x [D, 64] per tile and head; keys as the left operand so
+    that both operands keep D minor and need no transpose), then each query's L*L logits are
+    picked out of its column of the product, the bias added from a per-row-class table, and
+    the rows written in place into the output.
     """
     B, H, W, h, D = x.shape
     rows, cols = _axis_plan(H, L, d), _axis_plan(W, L, d)
     acc = _acc_dtype(x, y)
-    T = _TILE
-    ntr, ntc, Sr, Sc = rows.n_tiles, cols.n_tiles, rows.span, cols.span
-    xp = jnp.pad(x, ((0, 0), (0, ntr * T - H), (0, ntc * T - W), (0, 0), (0, 0)))
-    xp = jnp.moveaxis(xp.reshape(B, ntr, T, ntc, T, h, D), 1, 0)  # [ntr, B, T, ntc, T, h, D]
-    col_keys = jnp.asarray(cols.tile_keys)
-    col_pick = jnp.asarray(cols.tile_pick)[None, :, None, :, None, :]  # [1, ntc, 1, T, 1, L]
-    col_query = np.minimum(np.arange(ntc * T), W - 1).reshape(ntc, T)
-    col_bias = jnp.asarray(cols.bias.T[col_query])  # [ntc, T, L]
-    row_query = np.minimum(np.arange(ntr * T), H - 1).reshape(ntr, T)
-    row_bias = jnp.asarray(rows.bias.T[row_query])  # [ntr, T, L]
-    rpb = None if rpb is None else rpb.astype(acc)
+    Tr, Tc, Sr, Sc = rows.tile, cols.tile, rows.span, cols.span
+    ntc = len(cols.tile_first)
+    x_cols = (cols.tile_first[:, None] + np.arange(Tc)[None, :]).reshape(-1)  # [ntc * Tc]
+    col_keys = cols.span_first[:, None] + np.arange(Sc)[None, :]  # [ntc, Sc]
+    # Pick indices for the output rows of one tile row: [Tr, W, L, L] (the row part is traced).
+    c = np.arange(W)
+    col_tile = cols.tile_of[:, None, None]  # [W, 1, 1]
+    col_query = (c - cols.tile_first[cols.tile_of])[:, None, None]  # [W, 1, 1]
+    col_pick = cols.pick[:, None, :]  # [W, 1, L]
+    tile_rows = rows.tile_first[:, None] + np.arange(Tr)[None, :]  # [n_row_tiles, Tr]
+    row_pick = jnp.asarray(rows.keys.T[tile_rows] - rows.span_first[:, None, None])  # [.., Tr, L]
+    if rpb is not None:
+        # Rows with the same bias start share one bias plane: [n_classes, W, h, L*L].
+        class_start, row_class = np.unique(rows.bias[0], return_inverse=True)
+        r_idx = (class_start[:, None] + np.arange(L))[:, None, :, None]  # [n_cls, 1, L, 1]
+        table = rpb.astype(acc)[:, r_idx, cols.bias.T[None, :, None, :]]  # [h, n_cls, W, L, L]
+        table = jnp.transpose(table, (1, 2, 0, 3, 4)).reshape(-1, W, h, L * L)
+        row_class = jnp.asarray(row_class[tile_rows].astype(np.int32))  # [n_row_tiles, Tr]
 
-    def tile_row(args):
-        x_rows, row_keys, row_pick, row_b = args  # [B, T, ntc, T, h, D], [Sr], [T, L], [T, L]
-        y_block = jnp.take(jnp.take(y, row_keys, axis=1), col_keys, axis=2)  # [B, Sr, ntc, Sc, ..]
-        dense = jnp.einsum(
-            "bxtyhd,brtshd->bthxyrs", x_rows, y_block, preferred_element_type=acc
-        ).reshape(B, ntc, h, T * T, Sr * Sc)
-        pick = row_pick[None, None, :, None, :, None] * Sc + col_pick  # [1, ntc, T, T, L, L]
-        pick = pick.reshape(1, ntc, 1, T * T, L * L)
-        out = jnp.take_along_axis(dense, pick, axis=-1).reshape(B, ntc, h, T, T, L, L)
+    def tile_row(t, out):
+        r0 = jnp.asarray(rows.tile_first)[t]
+        x_t = jnp.take(jax.lax.dynamic_slice_in_dim(x, r0, Tr, axis=1), x_cols, axis=2)
+        x_t = x_t.reshape(B, Tr, ntc, Tc, h, D)
+        y_t = jax.lax.dynamic_slice_in_dim(y, jnp.asarray(rows.span_first)[t], Sr, axis=1)
+        y_t = jnp.take(y_t, col_keys, axis=2)  # [B, Sr, ntc, Sc, h, D]
+        dense = jnp.einsum("brtshd,bxtyhd->bthrsxy", y_t, x_t, preferred_element_type=acc)
+        dense = dense.reshape(B, ntc, h, Sr * Sc, Tr * Tc)
+        x_idx = jnp.arange(Tr)[:, None, None, None]
+        key_idx = row_pick[t][:, None, :, None] * Sc + col_pick[None, :, :, :]
+        query_idx = x_idx * Tc + col_query[None]
+        picked = dense[:, col_tile[None], :, key_idx, query_idx]  # [Tr, W, L, L, B, h]
+        picked = jnp.transpose(picked, (4, 0, 1, 5, 2, 3)).reshape(B, Tr, W, h, L * L)
         if rpb is not None:
-            bias = rpb[:, row_b[:, None, None, :, None], col_bias[None, :, :, None, :]]
-            out = out + jnp.transpose(bias, (2, 0, 1, 3, 4, 5))[None]  # [1, ntc, h, T, T, L, L]
-        return out.reshape(B, ntc, h, T, T, L * L)
+            picked = picked + jnp.take(table, row_class[t], axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(out, picked, r0, axis=1)
 
-    args = (xp, jnp.asarray(rows.tile_keys), jnp.asarray(rows.tile_pick), row_bias)
-    out = jax.lax.map(tile_row, args)
-    # [ntr, B, ntc, h, T(x), T(y), L*L] -> [B, H, W, h, L*L]
-    out = out.transpose(1, 0, 4, 2, 5, 3, 6).reshape(B, ntr * T, ntc * T, h, L * L)
-    return out[:, :H, :W]
+    n_row_tiles = len(rows.tile_first)
+    return jax.lax.fori_loop(0, n_row_tiles, tile_row, jnp.zeros((B, H, W, h, L * L), acc))
 
 
 def _weighted_sum(w: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
