@@ -90,6 +90,12 @@ CASES = [
     (13, 13, 13, 1),
     (17, 14, 13, 1),
     (31, 26, 13, 2),
+    # q.k tiles of 8 queries: exact multiples, overlapping last tiles, interior tiles, one
+    # tile covering the whole axis.
+    (16, 24, 5, 1),
+    (25, 17, 7, 1),
+    (8, 8, 3, 2),
+    (41, 9, 9, 1),
 ]
 
 
@@ -113,6 +119,8 @@ GRAD_CASES = [
     (9, 10, 9, 1),
     (13, 14, 13, 1),
     (16, 17, 5, 3),
+    (16, 24, 5, 1),
+    (25, 17, 7, 1),
 ]
 
 

@@ -229,7 +229,7 @@ def _scatter_sum(w: jax.Array, x: jax.Array, L: int, d: int) -> jax.Array:
     B, H, W, h, D = x.shape
     acc = _acc_dtype(w, x)
     x = x.astype(acc)
-    half, band = L // 2, (L // 2) * d
+    half, band, pad = L // 2, (L // 2) * d, (L - 1) * d
     H_s, W_s = H - (L - 1) * d, W - (L - 1) * d
     # Column c gets, through offset b, the representative query c + (half - b)*d if valid.
     c = np.arange(W)
@@ -261,7 +261,10 @@ def _scatter_sum(w: jax.Array, x: jax.Array, L: int, d: int) -> jax.Array:
     def step(a, out):
         w_a = jax.lax.dynamic_slice_in_dim(w, a * L, L, axis=-1).astype(acc)
         plane = columns(w_a)
-        out = _add_at(out, plane[:, band : H - band], a * d, axis=1)
+        # Interior rows: key row m gets query row m - a*d + band. Read as a shifted window of
+        # the zero-padded plane so that the add is one in-place pass over `out`.
+        mid = jnp.pad(plane[:, band : H - band], ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+        out = out + jax.lax.dynamic_slice_in_dim(mid, pad - a * d, H, axis=1)
         if half:
             out = _add_at(out, strip_sum(plane[:, :band], 1), a * d, axis=1)
             out = _add_at(out, strip_sum(plane[:, H - band :], 1), H_s - d + a * d, axis=1)
