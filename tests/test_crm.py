@@ -1,5 +1,7 @@
 """CRM model pieces: banded fusion, grid decoding and bucketing exactness (small models)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +153,53 @@ def test_resnet_stage_ranges_compose():
     back = run(variables, front["layer1"], valid_size=(25, 30), from_stage=1)
     assert set(back) == {"layer2", "layer3"}
     np.testing.assert_array_equal(np.asarray(back["layer3"]), np.asarray(full["layer3"]))
+
+
+def test_scanned_blocks_equal_unrolled_blocks():
+    """scan_blocks: same parameter tree at init, same features (eval), ignored in training."""
+    model = resnet.ResNet50(width=4, in_channels=4, strides=CRM.strides,
+                            dilations=CRM.dilations, num_stages=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 29, 31, 4)).astype(np.float32))
+    init = jax.jit(model.init, static_argnames="scan_blocks")
+    variables = init(jax.random.PRNGKey(0), x)
+    scanned_init = init(jax.random.PRNGKey(0), x, scan_blocks=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, scanned_init, variables)
+    assert {"layer3_0", "layer3_5"} <= set(variables["params"])
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map(  # distinct statistics per block
+        lambda v: v + jnp.asarray(rng.uniform(0.1, 0.5, v.shape), v.dtype), variables)
+    run = jax.jit(model.apply, static_argnames=("scan_blocks", "valid_size", "train"))
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, scan_blocks=True))(variables))
+    assert jaxpr.count("scan[") == 3  # layer1, layer2 and layer3's blocks after the first
+    want = run(variables, x, valid_size=(25, 30))
+    got = run(variables, x, valid_size=(25, 30), scan_blocks=True)
+    for name in want:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]),
+                                   atol=1e-6, rtol=0, err_msg=name)
+    train = jax.jit(functools.partial(model.apply, mutable=["batch_stats"], train=True),
+                    static_argnames="scan_blocks")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, train(variables, x, scan_blocks=True),
+                           train(variables, x))
+
+
+@pytest.mark.parametrize("kernel,stride,pad,dilation", [
+    (1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (7, 2, 3, 1),
+])
+def test_conv2d_gradients_equal_xla_convolution_gradients(kernel, stride, pad, dilation):
+    rng = np.random.default_rng(kernel + stride + dilation)
+    x = jnp.asarray(rng.normal(size=(2, 13, 10, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 6)).astype(np.float32))
+    args = ((stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation))
+
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(x, w, args[0], args[1], rhs_dilation=args[2],
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out = xla(x, w)
+    cotangent = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    got_out, vjp = jax.vjp(lambda x, w: resnet.conv2d(x, w, *args), x, w)
+    _, want_vjp = jax.vjp(xla, x, w)
+    np.testing.assert_array_equal(np.asarray(got_out), np.asarray(out))
+    for got, want in zip(vjp(cotangent), want_vjp(cotangent), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)

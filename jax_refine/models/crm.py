@@ -303,11 +303,9 @@ class _ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        x = nn.Conv(
+        x = resnet.Conv(
             self.features,
-            (1, 1),
-            padding=((0, 0), (0, 0)),
-            use_bias=False,
+            1,
             kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -345,11 +343,10 @@ class FusionHead(nn.Module):
         for tag, ch in zip(BRANCH_TAGS, self.channels, strict=True):
             setattr(self, f"aspp1_{tag}", _ConvBN(ch, self.axis_name, self.dtype, self.param_dtype))
             setattr(self, f"bn1_{tag}", self._norm())
-        self.last_conv_0 = nn.Conv(
+        self.last_conv_0 = resnet.Conv(
             self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
+            3,
+            padding=1,
             kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -670,10 +667,12 @@ class CRM(nn.Module):
         """`project(encode(image, mask))` in eval mode with bounded memory: [B, h, w, hidden[0]].
 
         The fusion is computed in bands of `band_rows` latent rows (`FusionHead.fuse_project`),
-        so the 256-channel latent map never exists at full size.
+        so the 256-channel latent map never exists at full size, and the backbone runs each
+        stage's identical blocks as one scan (`scan_blocks`, same results), which keeps XLA's
+        heap for large inputs at about half the size of the unrolled program's.
         """
         x = jnp.concatenate([image, mask.astype(image.dtype)], axis=-1)
-        feats = self.feats(x, train=False, valid_size=valid_size)
+        feats = self.feats(x, train=False, valid_size=valid_size, scan_blocks=True)
         valid = None
         if valid_size is not None:
             sizes = resnet.feature_valid_sizes(valid_size, self.strides, 3)
