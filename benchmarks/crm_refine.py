@@ -1,7 +1,7 @@
 """Benchmark: CRM refinement of large synthetic scenes, JAX Refiner vs the official PyTorch way.
 
     python benchmarks/crm_refine.py                      # 2048x2048 and 3840x2160
-    python benchmarks/crm_refine.py --sizes 1024x1024 --skip-torch
+    python benchmarks/crm_refine.py --sizes 1024x1024 --side jax
     python benchmarks/crm_refine.py --huge               # adds 6000x4000 (JAX only)
 
 Both sides use the same random weights (the PyTorch mirror's, converted with
@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["2048x2048", "3840x2160"],
                         help="WIDTHxHEIGHT entries")
     parser.add_argument("--huge", action="store_true", help="also refine 6000x4000 (JAX only)")
-    parser.add_argument("--skip-torch", action="store_true", help="JAX side only")
+    parser.add_argument("--side", choices=["both", "jax", "torch"], default="both",
+                        help="which implementation(s) to run")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads")
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -131,14 +132,16 @@ def main() -> None:
         print(f"{'size':>10} {'side':>6} {'time s':>8} {'peak MB':>8} {'fg':>6}")
         for size in sizes + ([(4000, 6000)] if args.huge else []):
             label = f"{size[1]}x{size[0]}"
-            jax_r = run_worker("jax", size, ckpt, args.threads)
-            print(f"{label:>10} {'jax':>6} {jax_r['seconds']:8.1f} {jax_r['max_rss_mb']:8.0f} "
-                  f"{jax_r['foreground']:6.3f}", flush=True)
-            if args.skip_torch or size == (4000, 6000):
+            results = {}
+            for kind, weights in (("jax", ckpt), ("torch", pth)):
+                if args.side not in ("both", kind) or (kind == "torch" and size == (4000, 6000)):
+                    continue
+                r = results[kind] = run_worker(kind, size, weights, args.threads)
+                print(f"{label:>10} {kind:>6} {r['seconds']:8.1f} {r['max_rss_mb']:8.0f} "
+                      f"{r['foreground']:6.3f}", flush=True)
+            if len(results) < 2:
                 continue
-            torch_r = run_worker("torch", size, pth, args.threads)
-            print(f"{label:>10} {'torch':>6} {torch_r['seconds']:8.1f} "
-                  f"{torch_r['max_rss_mb']:8.0f} {torch_r['foreground']:6.3f}")
+            jax_r, torch_r = results["jax"], results["torch"]
             print(f"{label:>10} ratio jax/torch: time {jax_r['seconds'] / torch_r['seconds']:.3f}, "
                   f"peak memory {jax_r['max_rss_mb'] / torch_r['max_rss_mb']:.3f}", flush=True)
         print(f"load average at end: {os.getloadavg()}")

@@ -1,7 +1,7 @@
 """Benchmark: the paper's CRM training step, JAX vs the PyTorch mirror, in one run.
 
     python benchmarks/train_step.py                 # ResNet-50, batch 12, 224x224, 2 steps
-    python benchmarks/train_step.py --batch 4 --steps 3
+    python benchmarks/train_step.py --batch 4 --steps 3 --side jax
 
 Each side runs in its own subprocess (peak memory = that process's max RSS): build the
 model, then `--steps` timed training steps (forward at all 224x224 pixel centres, the four
@@ -137,7 +137,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads")
-    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--side", choices=["both", "jax", "torch"], default="both",
+                        help="which implementation(s) to run")
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -146,9 +147,8 @@ def main() -> None:
         return
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
     print(f"CRM ResNet-50 train step, batch {args.batch}, {args.crop}x{args.crop}")
-    results = {"jax": run_worker("jax", args)}
-    if not args.skip_torch:
-        results["torch"] = run_worker("torch", args)
+    results = {kind: run_worker(kind, args) for kind in ("jax", "torch")
+               if args.side in ("both", kind)}
     for kind, r in results.items():
         print(f"{kind:>6}: {r['seconds']:7.2f} s/step (warm-up {r['warmup']:.1f} s), "
               f"peak {r['max_rss_mb']:.0f} MB, loss {r['loss']:.4f}")
