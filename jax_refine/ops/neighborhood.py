@@ -209,10 +209,11 @@ def _weighted_sum(w: jax.Array, y: jax.Array, L: int, d: int) -> jax.Array:
         y_rows = jnp.take(y, row_keys[a], axis=1).astype(acc)
         w_a = jax.lax.dynamic_slice_in_dim(w, a * L, L, axis=-1).astype(acc)
         for b in range(L):
-            out = out + w_a[..., b, None] * jnp.take(y_rows, cols.keys[b], axis=2)
+            term = w_a[..., b, None] * jnp.take(y_rows, cols.keys[b], axis=2)
+            out = term if out is None else out + term
         return out
 
-    return jax.lax.fori_loop(0, L, step, jnp.zeros((B, H, W, h, D), acc))
+    return jax.lax.fori_loop(1, L, step, step(0, None))
 
 
 def _add_at(y: jax.Array, update: jax.Array, start, axis: int) -> jax.Array:
