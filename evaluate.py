@@ -1,8 +1,10 @@
-"""Evaluate a trained CRM: `python evaluate.py --config configs/crm_synthetic.py --workdir DIR`.
+"""Evaluate a trained model: `python evaluate.py --config configs/NAME.py --workdir DIR`.
 
-Uses DIR/refiner (or `--checkpoint` of the Refiner format); data from config.eval (a BIG
-folder, or held-out synthetic scenes). Writes metrics.json and side-by-side PNGs to
-DIR/eval (or --out), and prints a markdown table.
+CRM (config.task 'crm', the default): uses DIR/refiner (or `--checkpoint` of the Refiner
+format); data from config.eval (a BIG folder, or held-out synthetic scenes); IoU and mBA of
+the coarse and refined masks. PNA (config.task 'pna'): uses DIR/pna (or `--checkpoint`);
+per-stage mIoU P0..P4 on config.eval's semantic_folder split or held-out synthetic scenes.
+Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints a markdown table.
 """
 
 from pathlib import Path
@@ -10,11 +12,14 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_refine.train.evaluate import evaluate, markdown_table
+from jax_refine.train import evaluate as crm_eval
+from jax_refine.train import evaluate_pna
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (uses WORKDIR/refiner).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A Refiner checkpoint directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                                "Training workdir (uses WORKDIR/refiner or WORKDIR/pna).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "A Refiner (CRM) or PNA checkpoint directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval).")
 flags.mark_flags_as_required(["config"])
 
@@ -25,14 +30,20 @@ def main(argv):
     if not (_WORKDIR.value or _CHECKPOINT.value):
         raise app.UsageError("give --workdir or --checkpoint")
     logging.set_verbosity(logging.WARNING)
-    checkpoint = _CHECKPOINT.value or Path(_WORKDIR.value) / "refiner"
+    config = _CONFIG.value
+    pna = config.get("task", "crm") == "pna"
+    checkpoint = _CHECKPOINT.value or Path(_WORKDIR.value) / ("pna" if pna else "refiner")
     out = _OUT.value or (Path(_WORKDIR.value) / "eval" if _WORKDIR.value else "eval_out")
-    e = _CONFIG.value.eval
-    results = evaluate(
-        checkpoint, out, folder=e.folder, scales=tuple(e.scales), num_images=e.num_images,
-        num_pngs=e.num_pngs, synthetic_size=e.get("synthetic_size", 2048),
-    )
-    print(markdown_table(results))
+    if pna:
+        results = evaluate_pna.evaluate(config, checkpoint, out)
+        print(evaluate_pna.markdown_table(results))
+    else:
+        e = config.eval
+        results = crm_eval.evaluate(
+            checkpoint, out, folder=e.folder, scales=tuple(e.scales), num_images=e.num_images,
+            num_pngs=e.num_pngs, synthetic_size=e.get("synthetic_size", 2048),
+        )
+        print(crm_eval.markdown_table(results))
     for r in results.values():
         for png in r["pngs"]:
             print(png)

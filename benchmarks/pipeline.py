@@ -40,7 +40,7 @@ def main() -> None:
 
     config = load_config(args.config)
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
-    ds = pipeline.crm_dataset(loop.build_loader(config), loop.build_augment(config),
+    ds = pipeline.train_dataset(loop.build_loader(config), loop.build_augment(config),
                               global_batch_size=config.batch_size)
     it = pipeline.as_numpy(ds)
     for _ in range(2):

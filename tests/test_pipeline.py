@@ -11,7 +11,7 @@ CROP = 32
 
 
 def _dataset(start_step=0, process_index=0, process_count=1, batch=4, seed=3):
-    return pipeline.crm_dataset(
+    return pipeline.train_dataset(
         pipeline.SyntheticSource(seed, 48, 80), pipeline.CrmAugment(seed, crop=CROP),
         global_batch_size=batch, start_step=start_step, process_index=process_index,
         process_count=process_count)
@@ -119,12 +119,29 @@ def test_pna_pipeline_scale_crop_ignore_padding():
         records.append({"image": np.full((40, 50, 3), 100 + i, np.uint8), "label": label})
     source = pipeline.RecordSource(records, seed=0, mask_key="label", binarize=False)
     augment = pipeline.PnaAugment(0, crop=64, scale_range=(0.5, 0.6))  # always padded
-    ds = pipeline.crm_dataset(source, augment, global_batch_size=2)
+    ds = pipeline.train_dataset(source, augment, global_batch_size=2)
     batch = next(pipeline.as_numpy(ds))
     assert batch["image"].shape == (2, 64, 64, 3) and batch["label"].shape == (2, 64, 64)
     assert batch["label"].dtype == np.int32
     assert set(np.unique(batch["label"])) <= {0, 2, 255}
     assert (batch["label"] == 255).any()  # padding is ignored
-    np.testing.assert_allclose(batch["image"][batch["label"] == 255], 0.0, atol=1e-5)
-    again = next(pipeline.as_numpy(pipeline.crm_dataset(source, augment, global_batch_size=2)))
+    # Images stay RGB in [0, 255]; padding is the mean colour (0 after the model's
+    # normalisation, as detectron2 pads).
+    mean = 255 * np.asarray(pipeline.IMAGENET_MEAN, np.float32)
+    np.testing.assert_allclose(batch["image"][batch["label"] == 255],
+                               np.broadcast_to(mean, ((batch["label"] == 255).sum(), 3)),
+                               atol=1e-3)
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 255
+    again = next(pipeline.as_numpy(pipeline.train_dataset(source, augment, global_batch_size=2)))
     np.testing.assert_array_equal(batch["label"], again["label"])
+
+
+def test_synthetic_semantic_source_is_multiclass_and_seeded():
+    source = pipeline.SyntheticSemanticSource(0, min_size=64, max_size=80, num_classes=3)
+    image, label = source(5)
+    assert image.shape[:2] == label.shape and 64 <= label.shape[0] <= 80
+    assert image.dtype == np.uint8 and label.dtype == np.uint8
+    assert label.max() <= 3 and len(np.unique(label)) > 1
+    again = source(5)
+    np.testing.assert_array_equal(again[1], label)
+    assert not np.array_equal(source(6)[0][:64, :64], image[:64, :64])

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from train_helpers import ROOT, load_config, tiny_config
 
+from jax_refine.data import pipeline
+from jax_refine.models import pna
 from jax_refine.refine import Refiner, load_checkpoint
 from jax_refine.train import loop, optim
 
@@ -23,14 +25,45 @@ def test_every_config_resolves(name):
     config.lock()
     with pytest.raises(AttributeError):
         config.no_such_field = 1  # locked: typos fail
-    model = loop.build_model(config)  # model fields are CRM arguments
-    assert model.depth in (18, 34, 50, 101)
     for key in ("dataset", "batch_size", "total_steps", "learning_rate", "checkpoint_every",
                 "log_every", "seed", "keep_checkpoints", "dtype", "init_from", "eval"):
         assert key in config, key
-    # Derived values are computed from the (possibly overridden) fields.
-    boundaries = optim.piecewise_boundaries(config.total_steps, config.lr_boundaries)
-    assert 0 < boundaries[0] < boundaries[1] <= config.total_steps
+    model = loop.build_model(config)  # model fields are the task's constructor arguments
+    tx, schedule = loop.build_optimizer(config)
+    assert float(schedule(0)) == pytest.approx(config.learning_rate)
+    augment = loop.build_augment(config)
+    if loop.task_name(config) == "pna":
+        assert model.pna_head.num_classes == config.model.num_classes
+        assert augment.crop == pipeline.crop_hw(config.crop_size)
+        # The PNA export stores exactly the build_pna arguments.
+        assert pna.build_pna(**loop.pna_build_kwargs(config)) == model
+    else:
+        assert model.depth in (18, 34, 50, 101)
+        # Derived values are computed from the (possibly overridden) fields.
+        boundaries = optim.piecewise_boundaries(config.total_steps, config.lr_boundaries)
+        assert 0 < boundaries[0] < boundaries[1] <= config.total_steps
+
+
+def test_pna_paper_configs_follow_the_official_recipes():
+    voc = load_config("pna_voc_r50_fcn")
+    assert (voc.model.coarse_head, voc.model.depth, voc.model.num_classes) == ("fcn", 50, 21)
+    assert (voc.crop_size, voc.batch_size, voc.total_steps) == ((512, 512), 16, 20_000)
+    for name in ("pna_voc_r50_fcn", "pna_cityscapes_r101_deeplabv3", "pna_cityscapes_r101_fpn",
+                 "pna_deepglobe", "pna_trans10k"):
+        c = load_config(name)
+        assert (c.learning_rate, c.weight_decay, c.lr_power, c.clip_norm, c.batch_size) == (
+            1e-4, 0.01, 0.9, 0.01, 16), name
+    cs = load_config("pna_cityscapes_r101_deeplabv3")
+    assert (cs.model.coarse_head, cs.model.depth, cs.model.num_classes) == ("deeplabv3", 101, 19)
+    assert cs.crop_size == (512, 1024) and cs.total_steps == 90_000
+    assert tuple(cs.model.pool_kernel_size) == (32, 64)
+    fpn = load_config("pna_cityscapes_r101_fpn")
+    assert fpn.model.coarse_head == "semantic_fpn" and tuple(fpn.model.window_sizes) == (7,) * 4
+    assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("hard_pixel_mining", "cross_entropy")
+    dg = load_config("pna_deepglobe")
+    assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (6, (508, 508), 4_000)
+    tr = load_config("pna_trans10k")
+    assert (tr.model.upsample_mode, tr.model.num_classes, tr.total_steps) == ("bilinear", 3, 8_000)
 
 
 def test_paper_config_is_the_paper_recipe():

@@ -89,7 +89,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     tx, schedule = optim.crm_optimizer(1e-3, 10)
     init = jax.jit(functools.partial(create_state, model, tx,
                                      example=step_lib.example_inputs(1, config.crop_size)))
-    ds = pipeline.crm_dataset(loop.build_loader(config), loop.build_augment(config),
+    ds = pipeline.train_dataset(loop.build_loader(config), loop.build_augment(config),
                               global_batch_size=8)
     local = next(pipeline.as_numpy(ds))
     fn = functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule)

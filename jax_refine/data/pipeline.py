@@ -16,9 +16,10 @@ index range there — there is no iterator state to save. Process p of P reads p
 [p * B / P, (p + 1) * B / P) of every global batch (its slice for
 `jax.make_array_from_process_local_data`).
 
-The PNA pipeline (`PnaAugment`, same `crm_dataset` indexing) applies random scaling in
+The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) applies random scaling in
 [0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
-label maps.
+label maps; its images stay RGB in [0, 255] (the PNA model normalises them itself, as
+detectron2 does). `SyntheticSemanticSource` renders multi-class synthetic scenes for it.
 
 Query coordinates are not shipped: the train step computes the crop's pixel-centre grid once.
 """
@@ -71,6 +72,30 @@ class SyntheticSource:
         scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
         image, label = make_scene(scene, size, size)
         return image, (label > 0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSemanticSource:
+    """Fresh multi-class synthetic scenes (label 0 background, 1..num_classes objects).
+
+    Attributes:
+      seed: run seed.
+      min_size, max_size: scenes are square with a side drawn from [min_size, max_size].
+      num_classes: object classes of `make_scene` (the model predicts num_classes + 1).
+    Example k uses scene seed TRAIN_SCENE_SEED_OFFSET + r, r drawn from (seed, k): disjoint
+    from the evaluation scenes (seeds below the offset).
+    """
+
+    seed: int
+    min_size: int = 192
+    max_size: int = 384
+    num_classes: int = 4
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, k, 4])
+        size = int(rng.integers(self.min_size, self.max_size + 1))
+        scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
+        return make_scene(scene, size, size, self.num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +222,14 @@ class PnaAugment:
 
     Per example (stateless seeds from (seed, k)): scale by s ~ U[scale_range] (image
     bilinear, label nearest), colour jitter, pad to at least crop x crop (image with the
-    ImageNet mean, i.e. 0 after normalisation; label with `ignore_label`), random crop and
-    horizontal flip of image and label together, ImageNet normalisation.
-    Output: {'image' float32 [crop, crop, 3], 'label' int32 [crop, crop]}.
+    ImageNet mean colour, i.e. 0 after the model's normalisation, as detectron2 pads; label
+    with `ignore_label`), random crop and horizontal flip of image and label together.
+    Output: {'image' float32 [ch, cw, 3] RGB in [0, 255] (the PNA model normalises),
+    'label' int32 [ch, cw]} for crop (ch, cw).
     """
 
     seed: int
-    crop: int = 512
+    crop: int | tuple[int, int] = 512  # side, or (height, width) (Cityscapes: 512 x 1024)
     scale_range: tuple[float, float] = (0.5, 2.0)
     ignore_label: int = 255
     brightness: float = 0.2
@@ -222,22 +248,31 @@ class PnaAugment:
                             self.contrast, self.saturation, self.grayscale_p)
         lbl = tf.image.resize(label[..., None], new, method="nearest")
         mean = tf.constant(IMAGENET_MEAN)
+        ch, cw = crop_hw(self.crop)
         h, w = new[0], new[1]
-        pads = [[0, tf.maximum(self.crop - h, 0)], [0, tf.maximum(self.crop - w, 0)]]
+        pads = [[0, tf.maximum(ch - h, 0)], [0, tf.maximum(cw - w, 0)]]
         rgb = tf.pad(rgb - mean, pads + [[0, 0]]) + mean
         lbl = tf.pad(tf.cast(lbl, tf.float32), pads + [[0, 0]],
                      constant_values=float(self.ignore_label))
         both = tf.concat([rgb, lbl], axis=-1)
-        both = tf.image.stateless_random_crop(both, [self.crop, self.crop, 4], seeds[1])
+        both = tf.image.stateless_random_crop(both, [ch, cw, 4], seeds[1])
         both = tf.image.stateless_random_flip_left_right(both, seeds[2])
-        return {"image": (both[..., :3] - mean) / tf.constant(IMAGENET_STD),
+        return {"image": both[..., :3] * 255.0,
                 "label": tf.cast(tf.round(both[..., 3]), tf.int32)}
+
+
+def crop_hw(crop: int | Sequence[int]) -> tuple[int, int]:
+    """A crop size given as a side or as (height, width) -> (height, width)."""
+    if isinstance(crop, int):
+        return crop, crop
+    h, w = crop
+    return int(h), int(w)
 
 
 # ----------------------------------------------------------------------------- dataset
 
 
-def crm_dataset(
+def train_dataset(
     loader: Loader,
     augment: CrmAugment | PnaAugment,
     *,

@@ -24,20 +24,27 @@ Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
   (58.395, 57.120, 57.375) on RGB images in [0, 255] (ImageNet mean/std x 255).
   `final_logits` gives the reference's inference output (last stage x4 bilinear, cropped);
   `pad_to_divisibility(labels, 32, 255)` pads training labels as the reference does.
-* `build_pna(coarse_head, num_classes, ...)` — the official variants in one call.
+* `build_pna(coarse_head, num_classes, ...)` — the official variants in one call (and small
+  CPU variants: ResNet-18/34, narrower backbone, head and embed_dims).
+* `save_checkpoint` / `load_checkpoint` — the inference checkpoint (`build_pna` arguments in
+  config.json + orbax variables) that training exports to WORKDIR/pna.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_refine.layers import PNALayer
-from jax_refine.models.backbones.resnet import ResNet50, ResNet101
+from jax_refine.models.backbones.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from jax_refine.models.heads import (
     DeepLabV3Head,
     FCNHead,
@@ -52,11 +59,13 @@ Array = Any
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 UPSAMPLE_MODES = ("nearest", "bilinear")
+RESNETS = {18: ResNet18, 34: ResNet34, 50: ResNet50, 101: ResNet101}
 
 
 def deeplab_resnet(
     depth: int = 50,
     *,
+    width: int = 64,
     stem: str = "deeplab",
     output_stride: int = 16,
     multi_grid: Sequence[int] | None = (1, 2, 4),
@@ -68,7 +77,9 @@ def deeplab_resnet(
     """detectron2's DeepLab ResNet (see the module docstring) as a `ResNet`.
 
     Args:
-      depth: 50 or 101 ("R-52" / "R-103" with the DeepLab stem).
+      depth: 50 or 101 ("R-52" / "R-103" with the DeepLab stem); 18 or 34 (basic blocks,
+        not an official PNA backbone) for small CPU models.
+      width: stem / first-stage width (64 in every official model).
       stem: 'deeplab' (3x3 x 3, 128 channels) or 'torchvision' (= detectron2 BasicStem).
       output_stride: 32 (RES5_DILATION 1), 16 (RES5_DILATION 2) or 8 (res4 dilated 2, res5 4).
       multi_grid: res5 per-block multipliers; None = all 1.
@@ -78,8 +89,8 @@ def deeplab_resnet(
     Returns:
       A `ResNet` whose output 'layer{i}' is detectron2's 'res{i+1}' (see `res_features`).
     """
-    if depth not in (50, 101):
-        raise ValueError(f"depth must be 50 or 101, got {depth}")
+    if depth not in RESNETS:
+        raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
     settings = {
         32: ((1, 2, 2, 2), (1, 1, 1, 1), (1, 1, 1, 1)),
         16: ((1, 2, 2, 1), (1, 1, 1, 2), (1, 1, 1, 2)),
@@ -88,10 +99,11 @@ def deeplab_resnet(
     if output_stride not in settings:
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     strides, dilations, first_dilations = settings[output_stride]
-    make = ResNet50 if depth == 50 else ResNet101
+    make = RESNETS[depth]
     if stage_sizes is not None:
         make = functools.partial(make, stage_sizes=tuple(stage_sizes))
     return make(
+        width=width,
         in_channels=3,
         stem=stem,
         strides=strides,
@@ -312,51 +324,68 @@ def build_pna(
     num_classes: int,
     *,
     depth: int = 50,
+    width: int = 64,
     stem: str = "deeplab",
+    embed_dims: Sequence[int] = (96, 192, 384, 768),
     window_sizes: Sequence[int] | None = None,
     upsample_mode: str = "nearest",
     use_sa: bool = True,
     pool_kernel_size: tuple[int, int] | None = None,
+    head_kwargs: Mapping[str, Any] | None = None,
     freeze_backbone_bn: bool = False,
     axis_name: str | None = None,
+    dtype: Any = jnp.float32,
 ) -> PNASegmentor:
     """A `PNASegmentor` with the official settings of one coarse head (see `VARIANTS`).
 
     Args:
       coarse_head: 'deeplabv3', 'semantic_fpn', 'fcn' or 'psp'.
       num_classes: classes of every prediction.
-      depth, stem: the ResNet (50/101; 'deeplab' = detectron2's R-52/R-103).
+      depth, width, stem: the ResNet (official: 50/101, width 64, 'deeplab' = detectron2's
+        R-52/R-103; depth 18/34 and a smaller width give small CPU models).
+      embed_dims: PNA widths D for res2..res5 (official 96/192/384/768; multiples of 32,
+        since every stage has D // 32 heads).
       window_sizes: PNA windows (default: 9 for DeepLabV3/FCN/PSP, 7 for Semantic FPN).
       upsample_mode: 'nearest' (default) or 'bilinear' (the Trans10k config).
       use_sa: self-aggregation module on.
       pool_kernel_size: DeepLabV3's ASPP image pooling; None = global. The official
         Cityscapes DeepLabV3 models need (32, 64) (crop 512x1024 / output stride 16).
+      head_kwargs: extra constructor arguments of the coarse head (e.g. FCN's `channels`,
+        `num_convs`; DeepLabV3's `aspp_channels`); None = the official widths.
       freeze_backbone_bn: FrozenBN backbone.
       axis_name: SyncBN axis.
+      dtype: computation dtype (parameters stay float32).
     """
     if coarse_head not in VARIANTS:
         raise ValueError(f"coarse_head must be one of {sorted(VARIANTS)}, got {coarse_head!r}")
+    if any(d % 32 for d in embed_dims):
+        raise ValueError(f"embed_dims must be multiples of 32 (D // 32 heads), got {embed_dims}")
     v = VARIANTS[coarse_head]
     backbone = deeplab_resnet(
         depth,
+        width=width,
         stem=stem,
         output_stride=v["output_stride"],
         multi_grid=v["multi_grid"],
         axis_name=axis_name,
+        dtype=dtype,
     )
+    kwargs = dict(head_kwargs or {}, axis_name=axis_name, dtype=dtype)
     if coarse_head == "deeplabv3":
-        head = DeepLabV3Head(num_classes, pool_kernel_size=pool_kernel_size, axis_name=axis_name)
+        head = DeepLabV3Head(num_classes, pool_kernel_size=pool_kernel_size, **kwargs)
     elif coarse_head == "semantic_fpn":
-        head = SemanticFPNHead(num_classes, axis_name=axis_name)
+        head = SemanticFPNHead(num_classes, **kwargs)
     elif coarse_head == "fcn":
-        head = FCNHead(num_classes, axis_name=axis_name)
+        head = FCNHead(num_classes, **kwargs)
     else:
-        head = PSPHead(num_classes, axis_name=axis_name)
+        head = PSPHead(num_classes, **kwargs)
     pna = PNAHead(
         num_classes,
+        embed_dims=tuple(embed_dims),
         window_sizes=tuple(window_sizes or (v["window"],) * 4),
         upsample_mode=upsample_mode,
         use_sa=use_sa,
+        dtype=dtype,
     )
     return PNASegmentor(
         backbone,
@@ -365,3 +394,45 @@ def build_pna(
         size_divisibility=v["size_divisibility"],
         freeze_backbone_bn=freeze_backbone_bn,
     )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "jax_refine.pna"
+
+
+def save_checkpoint(
+    directory: str | Path, build_kwargs: Mapping[str, Any], variables: Mapping[str, Any]
+) -> Path:
+    """Write a PNA inference checkpoint: config.json (`build_pna` keyword arguments) and the
+    orbax item `variables/` ({'params', 'batch_stats'}). Read it with `load_checkpoint`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": CHECKPOINT_FORMAT, "model": dict(build_kwargs)}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    variables = {k: jax.tree_util.tree_map(np.asarray, variables[k])
+                 for k in ("params", "batch_stats")}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "variables", variables, force=True)
+    checkpointer.wait_until_finished()
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[PNASegmentor, dict[str, Any], dict[str, Any]]:
+    """Read a `save_checkpoint` directory -> (model, variables, build_pna kwargs)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a PNA checkpoint (no config.json)")
+    config = json.loads(path.read_text())
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: format {config.get('format')!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
+    variables = ocp.StandardCheckpointer().restore(directory / "variables")
+    variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    return build_pna(**kwargs), variables, kwargs

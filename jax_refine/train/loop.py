@@ -1,34 +1,42 @@
-"""`train_and_evaluate(config, workdir)`: the CRM training loop.
+"""`train_and_evaluate(config, workdir)`: the one training loop of CRM and PNA.
+
+`config.task` ('crm', the default, or 'pna') selects the task's pieces in `TASKS`: model
+builder, init example, optimiser recipe, train step, data augmentation and the exported
+inference checkpoint. Everything else (mesh, resume, data indexing, logging, checkpoints,
+the non-finite-loss stop) is shared.
 
 Resume order (first that applies):
   1. the latest checkpoint in `workdir/checkpoints` — exact resume: state, rng, and the data
      position (example k is a pure function of (seed, k), so the pipeline restarts at the
      restored step);
-  2. `config.init_from` — weights only (a Refiner checkpoint directory, or a torchvision
-     ResNet state_dict for the backbone), starting at step 0;
+  2. `config.init_from` — weights only, starting at step 0. CRM: a Refiner checkpoint
+     directory, or a torchvision ResNet state_dict for the backbone; PNA: a PNA checkpoint
+     directory (`models.pna.save_checkpoint`, e.g. WORKDIR/pna of an earlier run);
   3. random initialisation.
 
 Outputs in `workdir`: checkpoints/ (orbax, last `keep_checkpoints`), tensorboard/ (event
-files from process 0: loss terms, lr, grad norm, throughput), refiner/ (the trained model in
-the `jax_refine.refine` checkpoint format, written at the end and, if
-`config.export_every_checkpoint`, at every checkpoint), config.json.
+files from process 0: loss terms, lr, grad norm, throughput), the inference export (CRM:
+refiner/ in the `jax_refine.refine` format; PNA: pna/ in the `models.pna` format) written at
+the end and, if `config.export_every_checkpoint`, at every checkpoint; config.json.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jax_refine import refine
 from jax_refine.data import pipeline
+from jax_refine.models import pna as pna_lib
 from jax_refine.models.crm import CRM
 from jax_refine.train import checkpoint as ckpt_lib
 from jax_refine.train import mesh as mesh_lib
@@ -71,26 +79,66 @@ class MetricWriter:
             self.writer.close()
 
 
-def build_model(config: ml_collections.ConfigDict) -> CRM:
-    """The CRM of config.model, computing in config.dtype (parameters stay float32)."""
-    kwargs = {k: tuple(v) if isinstance(v, list | tuple) else v
-              for k, v in config.model.to_dict().items()}
-    return CRM(**kwargs, dtype=DTYPES[config.dtype])
+def task_name(config: ml_collections.ConfigDict) -> str:
+    """config.task ('crm' when absent), checked against `TASKS`."""
+    task = config.get("task", "crm")
+    if task not in TASKS:
+        raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {task!r}")
+    return task
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict / list values -> dict / tuple (constructor arguments, JSON-able)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def pna_build_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`build_pna` keyword arguments of config.model (also stored in the PNA export)."""
+    return _plain(config.model)
+
+
+def build_model(config: ml_collections.ConfigDict) -> Any:
+    """The model of config.model (CRM arguments, or `build_pna` arguments for task 'pna'),
+    computing in config.dtype (parameters stay float32)."""
+    if task_name(config) == "pna":
+        return pna_lib.build_pna(**pna_build_kwargs(config), dtype=DTYPES[config.dtype])
+    return CRM(**_plain(config.model), dtype=DTYPES[config.dtype])
 
 
 def build_loader(config: ml_collections.ConfigDict) -> pipeline.Loader:
     """The example loader of config.dataset ('synthetic' or a TFDS builder name)."""
     ds = config.dataset
+    pna = task_name(config) == "pna"
     if ds.name == "synthetic":
+        if pna:
+            return pipeline.SyntheticSemanticSource(config.seed, ds.min_size, ds.max_size,
+                                                    ds.num_classes)
         return pipeline.SyntheticSource(config.seed, ds.min_size, ds.max_size)
     from jax_refine.data import tfds as tfds_lib
 
     records = tfds_lib.data_source(ds.name, data_dir=ds.data_dir, builder_config=ds.config,
                                    split=ds.split, builder_kwargs=ds.builder_kwargs.to_dict())
+    if pna:  # semantic label maps: class ids, 255 = ignore
+        return pipeline.RecordSource(records, config.seed, mask_key=ds.label_key,
+                                     binarize=False)
     return pipeline.RecordSource(records, config.seed)
 
 
-def build_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
+def build_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment | pipeline.PnaAugment:
+    """The training transform of the task (crop, flips, jitter; CRM coarse masks)."""
+    if task_name(config) == "pna":
+        a = config.augment
+        return pipeline.PnaAugment(
+            seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
+            scale_range=tuple(a.scale_range),
+            brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
+        )
     c = config.dataset.coarse
     return pipeline.CrmAugment(
         seed=config.seed,
@@ -99,8 +147,90 @@ def build_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
     )
 
 
+def build_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The task's optimiser recipe with the config's hyperparameters."""
+    if task_name(config) == "pna":
+        return optim.pna_optimizer(
+            config.learning_rate, config.total_steps, weight_decay=config.weight_decay,
+            power=config.lr_power, clip_norm=config.clip_norm,
+            backbone_multiplier=config.backbone_multiplier,
+        )
+    return optim.crm_optimizer(
+        config.learning_rate, config.total_steps, tuple(config.lr_boundaries),
+        config.lr_decay_factor, config.weight_decay,
+    )
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict, model: Any, tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[..., Any]:
+    """The task's (unjitted) step `fn(state, batch)` with its config-driven options bound."""
+    if task_name(config) == "pna":
+        return functools.partial(step_lib.pna_train_step, model=model, tx=tx,
+                                 schedule=schedule, loss_kwargs=_plain(config.loss))
+    # config.query_size (optional; crm_synthetic): decoder queries per example, see step.py.
+    return functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule,
+                             query_size=config.get("query_size"))
+
+
+def example_inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of one example of the task's model inputs (for init)."""
+    if task_name(config) == "pna":
+        return step_lib.pna_example_inputs(1, pipeline.crop_hw(config.crop_size))
+    return step_lib.example_inputs(1, config.crop_size)
+
+
+def export_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Where training writes the inference checkpoint (CRM: refiner/, PNA: pna/)."""
+    return Path(workdir) / ("pna" if task_name(config) == "pna" else "refiner")
+
+
+def export(config: ml_collections.ConfigDict, workdir: Path, model: Any,
+           variables: dict[str, Any]) -> None:
+    """Write the inference checkpoint of the trained model to `export_dir`."""
+    if task_name(config) == "pna":
+        pna_lib.save_checkpoint(export_dir(config, workdir), pna_build_kwargs(config),
+                                variables)
+    else:
+        refine.save_checkpoint(export_dir(config, workdir), model.clone(dtype=jnp.float32),
+                               variables)
+
+
+def init_variables(
+    config: ml_collections.ConfigDict, params: Any, batch_stats: Any
+) -> tuple[Any, Any]:
+    """(params, batch_stats) from config.init_from (see the module docstring, item 2)."""
+    if task_name(config) == "pna":
+        _, variables, _ = pna_lib.load_checkpoint(config.init_from)
+        new = (variables["params"], variables["batch_stats"])
+        shapes = jax.tree_util.tree_map(jnp.shape, ((params, batch_stats), new))
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"init_from: {config.init_from} does not match the model "
+                             f"(structure or shapes differ)")
+        return new
+    return ckpt_lib.load_init_variables(config.init_from, params, batch_stats)
+
+
+# Task names; each function above dispatches on them.
+TASKS = ("crm", "pna")
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (how a config derives from another one)."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train CRM as configured; write checkpoints, summaries and the Refiner export."""
+    """Train the config's task; write checkpoints, summaries and the inference export."""
     mesh_lib.maybe_initialize_distributed(config.get("distributed", False))
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
@@ -111,12 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = mesh_lib.make_mesh()
     rep = mesh_lib.replicated(mesh)
     model = build_model(config)
-    tx, schedule = optim.crm_optimizer(
-        config.learning_rate, config.total_steps, tuple(config.lr_boundaries),
-        config.lr_decay_factor, config.weight_decay,
-    )
-    example = step_lib.example_inputs(1, config.crop_size)
-    init = jax.jit(functools.partial(create_state, model, tx, example=example),
+    tx, schedule = build_optimizer(config)
+    init = jax.jit(functools.partial(create_state, model, tx, example=example_inputs(config)),
                    out_shardings=rep)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)
@@ -136,18 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     else:
         state = init(rng)  # 3. scratch
         if config.init_from:  # 2. init_from
-            params, stats = ckpt_lib.load_init_variables(
-                config.init_from, state.params, state.batch_stats
-            )
+            params, stats = init_variables(config, state.params, state.batch_stats)
             state = jax.device_put(state.replace(params=params, batch_stats=stats), rep)
             print(f"initialised weights from {config.init_from}")
         start = 0
 
-    train_step = step_lib.jit_train_step(
-        functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule),
-        mesh,
-    )
-    ds = pipeline.crm_dataset(
+    train_step = step_lib.jit_train_step(build_train_step(config, model, tx, schedule), mesh)
+    ds = pipeline.train_dataset(
         build_loader(config), build_augment(config),
         global_batch_size=config.batch_size, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -155,9 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh_lib.local_batch_size(config.batch_size)  # checks divisibility
     batches = pipeline.as_numpy(ds)
     writer = MetricWriter(workdir / "tensorboard", is_main)
-
-    def export() -> None:
-        refine.save_checkpoint(workdir / "refiner", _export_model(model), state.variables)
 
     from tqdm import tqdm
 
@@ -188,22 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if done % config.checkpoint_every == 0 or done == config.total_steps:
             checkpointer.save(done, state, {"step": done, "seed": config.seed})
             if config.export_every_checkpoint:
-                export()
+                export(config, workdir, model, state.variables)
     bar.close()
     checkpointer.wait()
-    export()
+    export(config, workdir, model, state.variables)
     writer.close()
     checkpointer.close()
     return state
-
-
-def _export_model(model: CRM) -> CRM:
-    """The inference model (float32 compute) with the trained architecture."""
-    return model.clone(dtype=jnp.float32)
-
-
-def load_config_json(workdir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(workdir) / "config.json").read_text())
-
-
-

@@ -34,13 +34,14 @@ def create_state(
 ) -> TrainState:
     """Initialise a TrainState for `model` from example inputs (shapes only matter).
 
-    `example`: {'image': [B, H, W, 3], 'mask': [B, H, W, 1], 'coord'/'cell': [B, Q, 2]}.
+    `example`: the model's positional inputs in call order, e.g. CRM {'image': [B, H, W, 3],
+    'mask': [B, H, W, 1], 'coord'/'cell': [B, Q, 2]}, PNA {'image': [B, H, W, 3]}.
     """
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     example = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
     variables = model.init(
         {"params": init_rng, "dropout": dropout_rng},
-        example["image"], example["mask"], example["coord"], example["cell"], train=False,
+        *example.values(), train=False,
     )
     params = variables["params"]
     return TrainState(

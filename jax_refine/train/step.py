@@ -1,4 +1,4 @@
-"""The CRM train step: one `jax.jit` over a mesh, params replicated, batch sharded on 'data'.
+"""Train steps (CRM, PNA): one `jax.jit` over a mesh, params replicated, batch sharded on 'data'.
 
 Under jit the computation is written for the *global* batch, so BatchNorm's batch mean and
 variance are over the global batch (synchronised BN) without any axis_name; XLA inserts the
@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from jax_refine import losses
+from jax_refine.models.pna import pad_to_divisibility
 from jax_refine.ops import grid
 from jax_refine.train import mesh as mesh_lib
 from jax_refine.train.state import TrainState
@@ -91,6 +92,59 @@ def crm_train_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     return new_state, metrics
+
+
+def pna_example_inputs(batch_size: int, crop: tuple[int, int]) -> dict[str, Any]:
+    """Shapes of the PNA model's inputs (RGB images in [0, 255], crop (H, W)) for init."""
+    return {"image": jax.ShapeDtypeStruct((batch_size, *crop, 3), jnp.float32)}
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, batch_stats: Any, tx: optax.GradientTransformation
+) -> TrainState:
+    """The state after one optimiser update with `grads` and the new BatchNorm statistics."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+
+
+def pna_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_kwargs: dict[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on batch {'image' [B,H,W,3] RGB in [0, 255], 'label' int32 [B,H,W]}.
+
+    `loss_kwargs` go to `losses.pna_loss` (loss types, weights). Labels are padded with the
+    ignore label to the model's size divisibility, as the reference pads its targets.
+    Returns the new state and scalar metrics (loss, loss_p0..p4 unweighted, lr, grad_norm).
+    """
+    image = batch["image"]  # the model's modules cast to their computation dtype
+    labels = pad_to_divisibility(batch["label"], model.size_divisibility, losses.IGNORE_LABEL)
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        stage_logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, image,
+            train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+        )
+        total, terms = losses.pna_loss(stage_logits, labels, **(loss_kwargs or {}))
+        return total, (terms, updates["batch_stats"])
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    metrics = {
+        "loss": loss,
+        **{f"loss_{k}": v for k, v in terms.items()},
+        "lr": schedule(state.step),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return apply_gradients(state, grads, batch_stats, tx), metrics
 
 
 def jit_train_step(

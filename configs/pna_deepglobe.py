@@ -1,0 +1,38 @@
+"""PNA, the official DeepGlobe land-cover setting (`configs/deep_globe/
+pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; 508x508 crops of the
+2448x2448 images resized to a short side in [512, 2048] (scale [0.21, 0.84]), batch 16,
+4k steps; hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+
+Classes: the 6 land-cover classes; the 'unknown' class is ignored (label 255) in training
+and in the mIoU, as the paper reports (the official config trains it as a 7th class). The
+DeepGlobe RGB masks must be converted to PNG label maps with ids 0..5 and 255 = unknown.
+
+    python train.py --config configs/pna_deepglobe.py --workdir runs/pna_deepglobe \
+      --config.dataset.data_dir=/data/tfds \
+      --config.dataset.builder_kwargs.images=/data/deepglobe/train/images \
+      --config.dataset.builder_kwargs.labels=/data/deepglobe/train/labels
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from jax_refine.train.loop import load_config_file
+
+DEEPGLOBE_CLASSES = "urban,agriculture,rangeland,forest,water,barren"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = load_config_file(Path(__file__).with_name("pna_voc_r50_fcn.py"))
+    config.model.coarse_head = "semantic_fpn"
+    config.model.num_classes = 6
+    config.model.window_sizes = (7, 7, 7, 7)
+    config.dataset.builder_kwargs.class_names = DEEPGLOBE_CLASSES
+    config.eval.builder_kwargs.class_names = DEEPGLOBE_CLASSES
+    config.augment.scale_range = (512 / 2448, 2048 / 2448)
+    config.loss.coarse_loss = "hard_pixel_mining"
+    config.loss.stage_loss = "hard_pixel_mining"
+    config.crop_size = (508, 508)
+    config.total_steps = 4_000
+    config.checkpoint_every = 400
+    return config
