@@ -153,3 +153,29 @@ def test_train_and_evaluate_commands(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| synthetic64 | 2 |" in proc.stdout
     assert (tmp_path / "run" / "eval" / "metrics.json").is_file()
+
+
+def test_folder_samples_read_a_semantic_folder_split(tmp_path):
+    from PIL import Image
+
+    from jax_refine.data import tfds as jtfds
+
+    rng = np.random.default_rng(0)
+    for d in ("img", "lbl"):
+        (tmp_path / d).mkdir()
+    labels = {}
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{k}.png")
+        labels[str(k)] = rng.integers(0, 2, (20, 28)).astype(np.uint8)
+        labels[str(k)][0] = 255
+        Image.fromarray(labels[str(k)]).save(tmp_path / "lbl" / f"{k}.png")
+    kwargs = {"images": str(tmp_path / "img"), "labels": str(tmp_path / "lbl"),
+              "class_names": "a,b", "split": "val"}
+    records = jtfds.data_source("semantic_folder", data_dir=str(tmp_path / "tfds"),
+                                split="val", builder_kwargs=kwargs)
+    samples = list(evaluate_pna.folder_samples(records, limit=2))
+    assert len(samples) == 2
+    for s in samples:
+        assert s.image.shape == (20, 28, 3) and s.label.shape == (20, 28)
+        np.testing.assert_array_equal(s.label, labels[s.name])
