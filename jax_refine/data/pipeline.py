@@ -59,7 +59,9 @@ class SyntheticSource:
 
     Attributes:
       seed: run seed.
-      min_size, max_size: scenes are square with a side drawn from [min_size, max_size].
+      min_size, max_size: scenes are square with a side drawn log-uniformly from
+        [min_size, max_size] (every octave of sizes equally often, as the octave-spaced scales
+        of the multi-resolution schedule show the model a test image at several sizes).
     """
 
     seed: int
@@ -68,7 +70,8 @@ class SyntheticSource:
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, k, 1])
-        size = int(rng.integers(self.min_size, self.max_size + 1))
+        log_size = rng.uniform(np.log(self.min_size), np.log(self.max_size + 1))
+        size = min(int(np.exp(log_size)), self.max_size)
         scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
         image, label = make_scene(scene, size, size)
         return image, (label > 0).astype(np.uint8)
