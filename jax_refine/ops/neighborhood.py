@@ -245,10 +245,13 @@ def _scatter_sum(w: jax.Array, x: jax.Array, L: int, d: int) -> jax.Array:
     col_ok = [((c - b * d >= 0) & (c - b * d < W_s)).astype(np.float32) for b in range(L)]
 
     def strip_sum(y: jax.Array, axis: int) -> jax.Array:
-        """[.., half*d, ..] -> [.., d, ..]: sum over the `half` clamped members of a residue."""
-        shape = list(y.shape)
-        shape[axis : axis + 1] = [half, d]
-        return y.reshape(shape).sum(axis)
+        """[.., half*d, ..] -> [.., d, ..]: sum over the `half` clamped members of a residue.
+
+        Written as adds of slices: XLA:CPU runs this short reduction far faster as one
+        elementwise fusion than as a reduce.
+        """
+        parts = [jax.lax.slice_in_dim(y, k * d, (k + 1) * d, axis=axis) for k in range(half)]
+        return functools.reduce(jnp.add, parts)
 
     def columns(w_a: jax.Array) -> jax.Array:
         """sum_b (transposed column take b)(w_a[..., b] * x)  ->  [B, H, W, h, D]."""
