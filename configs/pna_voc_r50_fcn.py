@@ -15,8 +15,9 @@ class ids 0..20 and 255 = ignore; SBD's .mat labels must be converted to PNG fir
       --config.eval.builder_kwargs.labels=/data/VOC2012/SegmentationClass_val
 
 Not reproduced: the paper's VOC models come from an mmsegmentation branch (ResNetV1c stem);
-this config uses detectron2's DeepLab stem ("R-52"). ImageNet initialisation of the backbone
-is not wired into `init_from` for PNA yet (only PNA checkpoints are accepted). Losses: the
+this config uses detectron2's DeepLab stem ("R-52"); initialise it from ImageNet with
+`--config.init_from=/data/R-52.pkl` (detectron2's DeepLab file; a torchvision .pth needs
+`--config.model.stem=torchvision`), or from any PNA checkpoint. Losses: the
 mmsegmentation FCN default (plain cross-entropy) for P0 and P1..P4. The other paper
 settings derive from this file (configs/pna_cityscapes_*.py, pna_deepglobe.py,
 pna_trans10k.py) and so does the small CPU one (pna_synthetic.py).
@@ -87,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 2_000
     config.keep_checkpoints = 3
     config.export_every_checkpoint = False  # also refresh WORKDIR/pna at each checkpoint
-    config.init_from = ""  # a PNA checkpoint directory ('' = scratch)
+    # PNA checkpoint dir / official .pth, or ImageNet ResNet weights (.pkl / .pth) for the
+    # backbone ('' = scratch); see jax_refine.train.checkpoint.load_pna_init_variables.
+    config.init_from = ""
     config.distributed = False  # force jax.distributed.initialize() (cluster auto-detect)
 
     # evaluate.py: per-stage mIoU on a semantic_folder split (or held-out synthetic scenes

@@ -1,11 +1,17 @@
 """Command line: convert an official PyTorch checkpoint into a jax_refine checkpoint directory.
 
     python -m jax_refine.convert crm CHECKPOINT.pth OUT_DIR
+    python -m jax_refine.convert pna CHECKPOINT.pth OUT_DIR [--pool-kernel-size 32 64]
 
-writes OUT_DIR/config.json and OUT_DIR/variables/ (the format documented in
-`jax_refine.refine`), loadable with `Refiner.from_checkpoint(OUT_DIR)` and
-`python -m jax_refine.refine --checkpoint OUT_DIR ...`. torch is imported only here, only
-to read the .pth file.
+Both write OUT_DIR/config.json and OUT_DIR/variables/ (orbax). CRM: the format of
+`jax_refine.refine`, loadable with `Refiner.from_checkpoint(OUT_DIR)` and
+`python -m jax_refine.refine --checkpoint OUT_DIR ...`. PNA: the format of
+`jax_refine.models.pna.save_checkpoint`, loadable with `models.pna.load_checkpoint(OUT_DIR)`,
+by `evaluate.py --checkpoint` and as `init_from`. The PNA architecture is read off the
+checkpoint (`convert.pna_config`); output stride and multi-grid follow the official variant
+of its coarse head (`models.pna.VARIANTS`); the ASPP pooling kernel and the upsampling mode,
+which the checkpoint does not store, come from the flags. torch is imported only to read the
+.pth file.
 """
 
 from __future__ import annotations
@@ -15,32 +21,31 @@ import sys
 from collections.abc import Sequence
 
 
-def load_torch_state_dict(path: str) -> dict:
-    """A .pth file -> state_dict (a bare state_dict, or one under 'state_dict' / 'model')."""
-    try:
-        import torch
-    except ImportError as err:  # torch is not a dependency of the library
-        raise SystemExit("converting a .pth checkpoint needs PyTorch (pip install torch)") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise SystemExit(f"cannot read PyTorch checkpoint {path}: {err}") from err
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise SystemExit(f"{path} does not contain a state_dict (got {type(obj).__name__})")
-    return obj
-
-
 def convert_crm(checkpoint: str, out_dir: str) -> None:
+    from jax_refine.convert.common import read_checkpoint_file
     from jax_refine.convert.crm import crm_variables
     from jax_refine.models.crm import CRM
     from jax_refine.refine import save_checkpoint
 
-    variables = crm_variables(load_torch_state_dict(checkpoint))
+    variables = crm_variables(read_checkpoint_file(checkpoint))
     path = save_checkpoint(out_dir, CRM(), variables)
     print(f"wrote {path}")
+
+
+def convert_pna(checkpoint: str, out_dir: str, settings: dict) -> None:
+    from jax_refine.convert.common import read_checkpoint_file
+    from jax_refine.convert.pna import pna_config, pna_variables
+    from jax_refine.models import pna
+
+    state_dict = read_checkpoint_file(checkpoint)
+    found = pna_config(state_dict)
+    kwargs = {k: found[k] for k in ("coarse_head", "num_classes", "depth", "stem",
+                                    "embed_dims", "window_sizes", "use_sa")}
+    kwargs.update({k: v for k, v in settings.items() if v is not None})
+    variables = pna_variables(state_dict)
+    pna.build_pna(**kwargs)  # fails early on an inconsistent architecture
+    path = pna.save_checkpoint(out_dir, kwargs, variables)
+    print(f"wrote {path} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,13 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     crm = sub.add_parser("crm", help="official CRM checkpoint -> checkpoint directory")
     crm.add_argument("checkpoint", help="the official .pth file (DataParallel keys are fine)")
     crm.add_argument("out_dir", help="output checkpoint directory")
+    pna = sub.add_parser("pna", help="official PNA checkpoint (detectron2) -> checkpoint dir")
+    pna.add_argument("checkpoint", help="the official .pth file")
+    pna.add_argument("out_dir", help="output checkpoint directory")
+    pna.add_argument("--upsample-mode", choices=["nearest", "bilinear"], default=None,
+                     help="stage upsampling (default nearest; bilinear for Trans10k)")
+    pna.add_argument("--pool-kernel-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                     help="DeepLabV3 ASPP image-pooling kernel (official Cityscapes: 32 64)")
     args = parser.parse_args(argv)
     from jax_refine.convert.common import KeyMismatchError
 
     try:
         if args.model == "crm":
             convert_crm(args.checkpoint, args.out_dir)
-    except KeyMismatchError as err:
+        else:
+            pool = tuple(args.pool_kernel_size) if args.pool_kernel_size else None
+            convert_pna(args.checkpoint, args.out_dir,
+                        {"upsample_mode": args.upsample_mode, "pool_kernel_size": pool})
+    except (KeyMismatchError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -8,8 +8,10 @@ imported here; tensors are turned into numpy via their `.numpy()` method.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,3 +126,33 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if state_dict and all(key.startswith("module.") for key in state_dict):
         return {key[len("module."):]: value for key, value in state_dict.items()}
     return dict(state_dict)
+
+
+def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A PyTorch checkpoint file -> its state_dict (tensors or numpy arrays).
+
+    `.pkl`: a pickle of numpy arrays (detectron2's model-zoo format, e.g. DeepLab's R-52.pkl),
+    read with the latin-1 encoding those Python 2 files need. Anything else: `torch.load`
+    with `weights_only=True` (torch is imported only then). A state_dict nested under
+    'state_dict' or 'model' is unwrapped. Raises ValueError naming the file if it cannot be
+    read or holds no state_dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".pkl":
+            with path.open("rb") as f:
+                obj = pickle.load(f, encoding="latin1")
+        else:
+            try:
+                import torch
+            except ImportError as err:  # torch is not a dependency of the library
+                raise ValueError(f"reading {path} needs PyTorch (pip install torch)") from err
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not contain a state_dict (got {type(obj).__name__})")
+    return obj

@@ -88,16 +88,65 @@ def load_init_variables(
         return (_replace_subtree(params, variables["params"], f"{path} params"),
                 _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
     if path.is_file():
-        import torch
-
+        from jax_refine.convert.common import read_checkpoint_file
         from jax_refine.convert.resnet import resnet_from_torchvision
 
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        tree = resnet_from_torchvision(state_dict, in_channels=4, num_stages=3)
-        params = dict(params, feats=_replace_subtree(params["feats"], tree["params"],
-                                                     f"{path} backbone params"))
-        batch_stats = dict(batch_stats, feats=_replace_subtree(
-            batch_stats["feats"], tree["batch_stats"], f"{path} backbone batch_stats"))
-        return params, batch_stats
+        tree = resnet_from_torchvision(read_checkpoint_file(path), in_channels=4, num_stages=3)
+        return _replace_backbone(params, batch_stats, "feats", tree, path)
     raise FileNotFoundError(f"init_from: {path} is neither a Refiner checkpoint directory "
                             f"(with config.json) nor a torchvision state_dict file")
+
+
+def _replace_backbone(
+    params: dict[str, Any], batch_stats: dict[str, Any], name: str, tree: dict[str, Any],
+    path: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, batch_stats) with subtree `name` taken from `tree` ({'params', 'batch_stats'})."""
+    params = dict(params, **{name: _replace_subtree(params[name], tree["params"],
+                                                    f"{path} backbone params")})
+    batch_stats = dict(batch_stats, **{name: _replace_subtree(
+        batch_stats[name], tree["batch_stats"], f"{path} backbone batch_stats")})
+    return params, batch_stats
+
+
+def load_pna_init_variables(
+    path: str | Path, params: dict[str, Any], batch_stats: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """New (params, batch_stats) of a `PNASegmentor` initialised from `path`, one of:
+
+    * a PNA checkpoint directory (`models.pna.save_checkpoint`, e.g. WORKDIR/pna of a run or
+      `python -m jax_refine.convert pna`): all weights;
+    * an official PNA checkpoint file (detectron2 keys, `convert.pna_variables`): all weights;
+    * ImageNet backbone weights, the rest staying as initialised: a detectron2 ResNet file
+      (.pkl or .pth, e.g. DeepLab's R-52.pkl / R-103.pkl for the 'deeplab' stem;
+      `convert.resnet_from_detectron2`) or a torchvision ResNet state_dict (.pth, for
+      stem='torchvision'; `convert.resnet_from_torchvision`).
+    Structures and shapes must match the model (ValueError otherwise).
+    """
+    path = Path(path)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    batch_stats = jax.tree_util.tree_map(np.asarray, batch_stats)
+    if path.is_dir():
+        from jax_refine.models.pna import load_checkpoint
+
+        _, variables, _ = load_checkpoint(path)
+        return (_replace_subtree(params, variables["params"], f"{path} params"),
+                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} does not exist")
+    from jax_refine import convert
+    from jax_refine.convert.common import read_checkpoint_file
+
+    state_dict = convert.unwrap_checkpoint(read_checkpoint_file(path))
+    if any(k.startswith("sem_seg_head.pna_head.") for k in state_dict):
+        variables = convert.pna_variables(state_dict)
+        return (_replace_subtree(params, variables["params"], f"{path} params"),
+                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+    if "stem.conv1.weight" in state_dict:
+        tree = convert.resnet_from_detectron2(state_dict)
+    elif "conv1.weight" in state_dict:
+        tree = convert.resnet_from_torchvision(state_dict, in_channels=3, num_stages=4)
+    else:
+        raise ValueError(f"init_from: {path} is neither a PNA checkpoint nor detectron2 / "
+                         f"torchvision ResNet weights (first keys: {sorted(state_dict)[:5]})")
+    return _replace_backbone(params, batch_stats, "backbone", tree, path)

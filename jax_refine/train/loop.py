@@ -11,7 +11,8 @@ Resume order (first that applies):
      restored step);
   2. `config.init_from` — weights only, starting at step 0. CRM: a Refiner checkpoint
      directory, or a torchvision ResNet state_dict for the backbone; PNA: a PNA checkpoint
-     directory (`models.pna.save_checkpoint`, e.g. WORKDIR/pna of an earlier run);
+     directory or official checkpoint, or detectron2 / torchvision ImageNet ResNet weights
+     for the backbone (`checkpoint.load_pna_init_variables`);
   3. random initialisation.
 
 Outputs in `workdir`: checkpoints/ (orbax, last `keep_checkpoints`), tensorboard/ (event
@@ -204,13 +205,7 @@ def init_variables(
 ) -> tuple[Any, Any]:
     """(params, batch_stats) from config.init_from (see the module docstring, item 2)."""
     if task_name(config) == "pna":
-        _, variables, _ = pna_lib.load_checkpoint(config.init_from)
-        new = (variables["params"], variables["batch_stats"])
-        shapes = jax.tree_util.tree_map(jnp.shape, ((params, batch_stats), new))
-        if shapes[0] != shapes[1]:
-            raise ValueError(f"init_from: {config.init_from} does not match the model "
-                             f"(structure or shapes differ)")
-        return new
+        return ckpt_lib.load_pna_init_variables(config.init_from, params, batch_stats)
     return ckpt_lib.load_init_variables(config.init_from, params, batch_stats)
 
 
