@@ -49,19 +49,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class MetricWriter:
-    """TensorBoard scalars through TensorFlow's summary writer (process 0 only; else no-op)."""
+    """TensorBoard scalars through `tf.summary` (process 0 only; else a no-op)."""
 
     def __init__(self, logdir: Path, enabled: bool):
         self.writer = None
         if enabled:
             import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
 
             tf.config.set_visible_devices([], "GPU")
             self._tf = tf
-            self._meta = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-            )
             self.writer = tf.summary.create_file_writer(str(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -69,10 +65,7 @@ class MetricWriter:
             return
         with self.writer.as_default():
             for tag, value in values.items():
-                # tf.summary.write is TF's core summary op (tf.summary.scalar needs the
-                # tensorboard package); the 'scalars' plugin metadata makes TensorBoard show
-                # them as scalars.
-                self._tf.summary.write(tag, float(value), step=step, metadata=self._meta)
+                self._tf.summary.scalar(tag, float(value), step=step)
         self.writer.flush()
 
     def close(self) -> None:
