@@ -124,6 +124,39 @@ def run_forced_devices(code: str, devices: int, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def test_query_window_loss_is_the_full_grid_loss_on_that_window():
+    """query_size q: the step's loss is the CRM loss of the full-grid logits cut to each
+    example's q x q window (origins drawn from fold_in(fold_in(rng, step), 1))."""
+    import jax
+    from train_helpers import tiny_config
+
+    from jax_refine import losses
+    from jax_refine.train import loop
+    from jax_refine.train.state import create_state
+
+    model = loop.build_model(tiny_config()).clone(dropout_rate=0.0)
+    tx, schedule = optim.crm_optimizer(1e-3, 10)
+    c, q, b = 32, 12, 2
+    state = create_state(model, tx, jax.random.key(0), example=step.example_inputs(1, c))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(b, c, c, 3)), jnp.float32),
+             "mask": jnp.asarray(np.sign(rng.normal(size=(b, c, c, 1))), jnp.float32),
+             "gt": jnp.asarray(rng.integers(0, 2, (b, c, c, 1)), jnp.float32)}
+    _, metrics = step.crm_train_step(state, batch, model=model, tx=tx, schedule=schedule,
+                                     query_size=q)
+    coord, cell = (jnp.broadcast_to(jnp.asarray(a), (b, *a.shape)) for a in step.crm_queries(c, c))
+    logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                            batch["image"], batch["mask"], coord, cell, train=True,
+                            mutable=["batch_stats"])
+    logits = logits.reshape(b, c, c, 1)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    origins = np.asarray(jax.random.randint(key, (b, 2), 0, jnp.asarray([c - q + 1] * 2)))
+    cut = [(slice(y, y + q), slice(x, x + q)) for y, x in origins]
+    want, _ = losses.crm_loss(jnp.stack([logits[i][w] for i, w in enumerate(cut)]),
+                              jnp.stack([batch["gt"][i][w] for i, w in enumerate(cut)]))
+    assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_eight_devices_match_one_device():
     out = run_forced_devices(_EIGHT_DEVICES.format(tests=os.path.join(ROOT, "tests")), 8)
     assert "OK" in out

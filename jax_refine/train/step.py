@@ -48,6 +48,33 @@ def example_inputs(batch_size: int, crop: int) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
+def update(
+    state: TrainState,
+    loss_fn: Callable[[Any], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]],
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser update of `state` with the gradient of `loss_fn`.
+
+    `loss_fn(params) -> (total, (terms, new_batch_stats))`. Returns the new state and the
+    metrics every task logs: loss, loss_<term> (unweighted terms), lr, grad_norm.
+    """
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": loss,
+        **{f"loss_{k}": v for k, v in terms.items()},
+        "lr": schedule(state.step),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
 def crm_train_step(
     state: TrainState,
     batch: Batch,
@@ -96,35 +123,12 @@ def crm_train_step(
         total, terms = losses.crm_loss(logits.reshape(b, qh, qw, 1), gt)
         return total, (terms, updates["batch_stats"])
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        **{f"loss_{k}": v for k, v in terms.items()},
-        "lr": schedule(state.step),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    return new_state, metrics
+    return update(state, loss_fn, tx, schedule)
 
 
 def pna_example_inputs(batch_size: int, crop: tuple[int, int]) -> dict[str, Any]:
     """Shapes of the PNA model's inputs (RGB images in [0, 255], crop (H, W)) for init."""
     return {"image": jax.ShapeDtypeStruct((batch_size, *crop, 3), jnp.float32)}
-
-
-def apply_gradients(
-    state: TrainState, grads: Any, batch_stats: Any, tx: optax.GradientTransformation
-) -> TrainState:
-    """The state after one optimiser update with `grads` and the new BatchNorm statistics."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state)
 
 
 def pna_train_step(
@@ -154,16 +158,7 @@ def pna_train_step(
         total, terms = losses.pna_loss(stage_logits, labels, **(loss_kwargs or {}))
         return total, (terms, updates["batch_stats"])
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
-    metrics = {
-        "loss": loss,
-        **{f"loss_{k}": v for k, v in terms.items()},
-        "lr": schedule(state.step),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return apply_gradients(state, grads, batch_stats, tx), metrics
+    return update(state, loss_fn, tx, schedule)
 
 
 def jit_train_step(
