@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from procmem import max_rss_mb  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (0.125, 0.25, 0.5, 1.0)
@@ -88,18 +88,6 @@ def make_weights(directory: Path) -> tuple[Path, Path]:
     return pth, out
 
 
-def run_worker(kind: str, size: tuple[int, int], weights: Path, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--weights", str(weights),
-           "--threads", str(threads), "--sizes", f"{size[1]}x{size[0]}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if kind == "torch":
-        env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (height, width)."""
     width, height = (int(v) for v in text.lower().split("x"))
@@ -136,7 +124,9 @@ def main() -> None:
             for kind, weights in (("jax", ckpt), ("torch", pth)):
                 if args.side not in ("both", kind) or (kind == "torch" and size == (4000, 6000)):
                     continue
-                r = results[kind] = run_worker(kind, size, weights, args.threads)
+                flags = ["--weights", str(weights), "--threads", str(args.threads),
+                         "--sizes", f"{size[1]}x{size[0]}"]
+                r = results[kind] = run_worker(__file__, kind, flags, args.threads)
                 print(f"{label:>10} {kind:>6} {r['seconds']:8.1f} {r['max_rss_mb']:8.0f} "
                       f"{r['foreground']:6.3f}", flush=True)
             if len(results) < 2:

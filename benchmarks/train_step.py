@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from procmem import max_rss_mb  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,18 +118,6 @@ def worker_torch(args) -> dict:
     return {"seconds": seconds, "warmup": warmup, "max_rss_mb": max_rss_mb(), "loss": loss}
 
 
-def run_worker(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch),
-           "--crop", str(args.crop), "--steps", str(args.steps), "--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if kind == "torch":
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +135,9 @@ def main() -> None:
         return
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
     print(f"CRM ResNet-50 train step, batch {args.batch}, {args.crop}x{args.crop}")
-    results = {kind: run_worker(kind, args) for kind in ("jax", "torch")
+    flags = ["--batch", str(args.batch), "--crop", str(args.crop), "--steps", str(args.steps),
+             "--threads", str(args.threads)]
+    results = {kind: run_worker(__file__, kind, flags, args.threads) for kind in ("jax", "torch")
                if args.side in ("both", kind)}
     for kind, r in results.items():
         print(f"{kind:>6}: {r['seconds']:7.2f} s/step (warm-up {r['warmup']:.1f} s), "
