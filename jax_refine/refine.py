@@ -45,7 +45,6 @@ crm`, and later by training):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_refine.models import checkpoint_dir
 from jax_refine.models.crm import CRM, grid_tables
 from jax_refine.ops.resize import resize_bilinear_dynamic
 
@@ -91,38 +91,14 @@ def model_config(model: CRM) -> dict[str, Any]:
 
 def save_checkpoint(directory: str | Path, model: CRM, variables: dict[str, Any]) -> Path:
     """Write `model`'s config and `variables` ({'params', 'batch_stats'}) to `directory`."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "model": model_config(model)}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    variables = {k: variables[k] for k in ("params", "batch_stats")}
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "variables", variables, force=True)
-    checkpointer.wait_until_finished()
-    return directory
+    return checkpoint_dir.save(directory, CONFIG_FORMAT, model_config(model), variables,
+                               version=CONFIG_VERSION)
 
 
 def load_checkpoint(directory: str | Path) -> tuple[CRM, dict[str, Any]]:
     """Read a checkpoint directory written by `save_checkpoint` -> (model, variables)."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a CRM checkpoint (no config.json)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"{config_path}: unknown format {config.get('format')!r}")
-    kwargs = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()
-    }
-    model = CRM(**kwargs)
-    variables = ocp.StandardCheckpointer().restore(directory / "variables")
-    variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
-    return model, variables
+    kwargs, variables = checkpoint_dir.load(directory, CONFIG_FORMAT)
+    return CRM(**kwargs), variables
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -33,17 +33,15 @@ Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_refine.layers import PNALayer
+from jax_refine.models import checkpoint_dir
 from jax_refine.models.backbones.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from jax_refine.models.heads import (
     DeepLabV3Head,
@@ -404,35 +402,12 @@ CHECKPOINT_FORMAT = "jax_refine.pna"
 def save_checkpoint(
     directory: str | Path, build_kwargs: Mapping[str, Any], variables: Mapping[str, Any]
 ) -> Path:
-    """Write a PNA inference checkpoint: config.json (`build_pna` keyword arguments) and the
-    orbax item `variables/` ({'params', 'batch_stats'}). Read it with `load_checkpoint`."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": CHECKPOINT_FORMAT, "model": dict(build_kwargs)}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    variables = {k: jax.tree_util.tree_map(np.asarray, variables[k])
-                 for k in ("params", "batch_stats")}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "variables", variables, force=True)
-    checkpointer.wait_until_finished()
-    return directory
+    """Write a PNA inference checkpoint (`models.checkpoint_dir`; the model entry holds the
+    `build_pna` keyword arguments). Read it with `load_checkpoint`."""
+    return checkpoint_dir.save(directory, CHECKPOINT_FORMAT, build_kwargs, variables)
 
 
 def load_checkpoint(directory: str | Path) -> tuple[PNASegmentor, dict[str, Any], dict[str, Any]]:
     """Read a `save_checkpoint` directory -> (model, variables, build_pna kwargs)."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    path = directory / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a PNA checkpoint (no config.json)")
-    config = json.loads(path.read_text())
-    if config.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: format {config.get('format')!r}, expected "
-                         f"{CHECKPOINT_FORMAT!r}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
-    variables = ocp.StandardCheckpointer().restore(directory / "variables")
-    variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    kwargs, variables = checkpoint_dir.load(directory, CHECKPOINT_FORMAT)
     return build_pna(**kwargs), variables, kwargs
