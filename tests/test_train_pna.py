@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import ROOT, load_config
+from train_helpers import ROOT, load_config, with_overrides
 
 from jax_refine.models import pna as pna_lib
 from jax_refine.train import evaluate_pna, loop
@@ -36,14 +36,7 @@ TINY_PNA = {
 
 
 def tiny_pna_config(**overrides):
-    config = load_config("pna_synthetic")
-    for key, value in {**TINY_PNA, **overrides}.items():
-        node = config
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return with_overrides(load_config("pna_synthetic"), {**TINY_PNA, **overrides})
 
 
 def _leaves(tree):

@@ -30,15 +30,19 @@ def load_config(name: str = "crm_synthetic"):
     return module.get_config()
 
 
-def tiny_config(**overrides):
-    config = load_config()
-    for key, value in {**TINY, **overrides}.items():
+def with_overrides(config, overrides: dict):
+    """`config` with dotted-key overrides ('model.depth': 18) applied in place."""
+    for key, value in overrides.items():
         node = config
         *path, leaf = key.split(".")
         for part in path:
             node = node[part]
         node[leaf] = value
     return config
+
+
+def tiny_config(**overrides):
+    return with_overrides(load_config(), {**TINY, **overrides})
 
 
 def tiny_flags(**overrides) -> list[str]:
