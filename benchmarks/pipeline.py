@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def main() -> None:
@@ -38,7 +30,7 @@ def main() -> None:
     from jax_refine.data import pipeline
     from jax_refine.train import loop
 
-    config = load_config(args.config)
+    config = loop.load_config_file(args.config)
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
     ds = pipeline.train_dataset(loop.build_loader(config), loop.build_augment(config),
                               global_batch_size=config.batch_size)
@@ -58,17 +50,17 @@ def main() -> None:
     import jax
 
     from jax_refine.train import mesh as mesh_lib
-    from jax_refine.train import optim
     from jax_refine.train import step as step_lib
     from jax_refine.train.state import create_state
 
     model = loop.build_model(config)
-    tx, schedule = optim.crm_optimizer(config.learning_rate, config.total_steps)
+    tx, schedule = loop.build_optimizer(config)
     mesh = mesh_lib.make_mesh()
-    state = jax.jit(functools.partial(create_state, model, tx, example=step_lib.example_inputs(
-        1, config.crop_size)))(jax.random.key(0))
-    train_step = step_lib.jit_train_step(functools.partial(
-        step_lib.crm_train_step, model=model, tx=tx, schedule=schedule), mesh)
+    state = jax.jit(functools.partial(create_state, model, tx,
+                                      example=loop.example_inputs(config)),
+                    out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))
+    train_step = step_lib.jit_train_step(loop.build_train_step(config, model, tx, schedule),
+                                         mesh)
     gbatch = mesh_lib.global_batch(mesh, batch)
     state, metrics = train_step(state, gbatch)
     float(metrics["loss"])

@@ -182,13 +182,16 @@ def test_scanned_blocks_equal_unrolled_blocks():
                            train(variables, x))
 
 
+# 5 input channels: XLA's kernel gradient for k x k; PER_TAP_MIN_CHANNELS: the per-tap one.
+@pytest.mark.parametrize("channels", [5, resnet.PER_TAP_MIN_CHANNELS])
 @pytest.mark.parametrize("kernel,stride,pad,dilation", [
     (1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (7, 2, 3, 1),
 ])
-def test_conv2d_gradients_equal_xla_convolution_gradients(kernel, stride, pad, dilation):
+def test_conv2d_gradients_equal_xla_convolution_gradients(kernel, stride, pad, dilation,
+                                                          channels):
     rng = np.random.default_rng(kernel + stride + dilation)
-    x = jnp.asarray(rng.normal(size=(2, 13, 10, 5)).astype(np.float32))
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 6)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(2, 13, 10, channels)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 6)).astype(np.float32))
     args = ((stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation))
 
     def xla(x, w):

@@ -24,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 Size = Any  # int or traced int32 scalar
@@ -79,6 +80,10 @@ def _conv_forward(x: Array, kernel: Array, strides, padding: Pairs, dilation) ->
     )
 
 
+# Input channels from which `conv2d` computes a k x k kernel gradient per tap (1x1: always).
+PER_TAP_MIN_CHANNELS = 128
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(
     x: Array,
@@ -89,11 +94,14 @@ def conv2d(
 ) -> Array:
     """`lax.conv_general_dilated` on x [B, H, W, Cin], kernel [kh, kw, Cin, Cout] (NHWC/HWIO).
 
-    The value and the input gradient are XLA's. The kernel gradient is computed as one
-    matrix product per kernel tap (the tap's strided view of the padded input against the
-    output gradient, contracted over batch and positions): the same sums as XLA's
-    kernel-gradient convolution up to float32 summation order, and several times faster on
-    XLA:CPU, where that convolution is the slowest part of a training step.
+    The value and the input gradient are XLA's. The kernel gradient of a 1x1 convolution, and
+    of a k x k one with at least `PER_TAP_MIN_CHANNELS` input channels, is one matrix product
+    per kernel tap: the output gradient transposed once to [Cout, B*H*W] times the tap's
+    strided view of the padded input [B*H*W, Cin]. That is the same sums as XLA's
+    kernel-gradient convolution up to float32 summation order, in the operand layouts XLA:CPU's
+    matmul takes without copies, and 2-16x faster than that convolution at ResNet-50's wide
+    layers (benchmarks/README.md, "Training"); on narrower k x k layers XLA's is as fast or
+    faster and is kept.
     """
     return _conv_forward(x, kernel, strides, padding, dilation)
 
@@ -104,18 +112,33 @@ def _conv2d_fwd(x, kernel, strides, padding, dilation):
 
 def _conv2d_bwd(strides, padding, dilation, residuals, grad):
     x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    if kh * kw > 1 and cin < PER_TAP_MIN_CHANNELS:
+        _, vjp = jax.vjp(lambda x, k: _conv_forward(x, k, strides, padding, dilation), x, kernel)
+        return vjp(grad)
     _, vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, dilation), x)
-    kh, kw = kernel.shape[:2]
     rows, cols = grad.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    taps = []
-    for ky in range(kh):
-        for kx in range(kw):
-            r0, c0 = ky * dilation[0], kx * dilation[1]
-            view = xp[:, r0 : r0 + strides[0] * (rows - 1) + 1 : strides[0],
-                      c0 : c0 + strides[1] * (cols - 1) + 1 : strides[1]]
-            taps.append(jnp.einsum("bhwi,bhwo->io", view, grad))
-    return vjp(grad)[0], jnp.stack(taps).reshape(kernel.shape)
+    (sy, sx), (dy, dx) = strides, dilation
+    grad_t = grad.reshape(-1, cout).T  # [Cout, B*rows*cols], shared by every tap
+    # Pad, then split each spatial axis into (position // stride, position % stride): the tap
+    # at offset (r0, c0) reads rows r0 + sy*i = sy*(r0 // sy + i) + r0 % sy, a unit-stride
+    # window of phase r0 % sy.
+    b, h, w = x.shape[:3]
+    hp = -(-(h + sum(padding[0])) // sy) * sy
+    wp = -(-(w + sum(padding[1])) // sx) * sx
+    xp = jnp.pad(x, ((0, 0), (padding[0][0], hp - h - padding[0][0]),
+                     (padding[1][0], wp - w - padding[1][0]), (0, 0)))
+    xp = xp.reshape(b, hp // sy, sy, wp // sx, sx, cin)
+    offsets = np.array([(ky * dy, kx * dx) for ky in range(kh) for kx in range(kw)], np.int32)
+
+    def tap(_, offset):  # [Cout, Cin]; one tap view live at a time
+        r0, c0 = offset[0], offset[1]
+        start = (0, r0 // sy, r0 % sy, c0 // sx, c0 % sx, 0)
+        view = jax.lax.dynamic_slice(xp, start, (b, rows, 1, cols, 1, cin))
+        return None, grad_t @ view.reshape(-1, cin)
+
+    _, taps = jax.lax.scan(tap, None, jnp.asarray(offsets))
+    return vjp(grad)[0], taps.transpose(0, 2, 1).reshape(kernel.shape)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
