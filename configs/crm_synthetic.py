@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.min_size = 256
     config.dataset.max_size = 2048
     config.dataset.coarse.lowres_prob = 0.4
+    config.dataset.coarse.soft_prob = 0.5
 
     config.batch_size = 8
     config.query_size = 112

@@ -105,6 +105,20 @@ def test_coarse_spec_iou_range():
     assert lowres.shape == gt.shape and lowres.max() == 1
 
 
+def test_coarse_spec_soft_masks_are_blurred_binary_masks():
+    gt = np.zeros((96, 96), np.uint8)
+    gt[20:70, 30:80] = 1
+    spec = pipeline.CoarseSpec(lowres_prob=1.0, lowres_factors=(1.0, 1.0), soft_prob=1.0,
+                               soft_sigma=(2.0, 2.0))
+    soft = spec.make(gt, np.random.default_rng(0))
+    assert soft.dtype == np.float32 and 0 <= soft.min() and soft.max() <= 1
+    # A step blurred with sigma 2: 0.5 on the edge, a ramp across it, flat far from it.
+    np.testing.assert_allclose(soft[45, 29:31].mean(), 0.5, atol=0.02)
+    assert 0.05 < soft[45, 28] < 0.45 and 0.55 < soft[45, 31] < 0.95
+    assert soft[45, 10] < 1e-3 and soft[45, 55] > 1 - 1e-3
+    np.testing.assert_array_equal(soft[45] > 0.5, gt[45].astype(bool))
+
+
 @pytest.mark.parametrize("batch,processes", [(3, 2)])
 def test_indivisible_batch_is_an_error(batch, processes):
     with pytest.raises(ValueError, match="divisible"):

@@ -30,6 +30,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 
 from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
@@ -141,16 +142,31 @@ class CoarseSpec:
       iou_range: perturb_mask's target IoU ~ U[iou_range) (paper: [0.8, 1)).
       lowres_prob: probability of using `coarse_from_lowres` instead (paper: 0).
       lowres_factors: its downsampling factor ~ U[lowres_factors].
+      soft_prob: probability of then blurring the binary mask with a Gaussian of standard
+        deviation ~ U[soft_sigma] pixels (paper: 0). Multi-resolution inference feeds each
+        scale the previous scale's *probabilities*, whose boundaries are soft ramps a few
+        pixels wide at the next scale's resolution; a model trained only on binary masks
+        reads the ramp as object and grows the mask at every scale.
+      soft_sigma: range of that standard deviation, in crop pixels.
     """
 
     iou_range: tuple[float, float] = (0.8, 1.0)
     lowres_prob: float = 0.0
     lowres_factors: tuple[float, float] = (4.0, 16.0)
+    soft_prob: float = 0.0
+    soft_sigma: tuple[float, float] = (0.5, 3.0)
 
     def make(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop."""
         if rng.random() < self.lowres_prob:
-            return coarse_from_lowres(gt, float(rng.uniform(*self.lowres_factors)), rng)
-        return perturb_mask(gt, float(rng.uniform(*self.iou_range)), rng)
+            coarse = coarse_from_lowres(gt, float(rng.uniform(*self.lowres_factors)), rng)
+        else:
+            coarse = perturb_mask(gt, float(rng.uniform(*self.iou_range)), rng)
+        coarse = coarse.astype(np.float32)
+        if rng.random() < self.soft_prob:
+            sigma = float(rng.uniform(*self.soft_sigma))
+            coarse = cv2.GaussianBlur(coarse, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+        return coarse
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -191,7 +207,7 @@ class CrmAugment:
 
     def coarse_mask(self, gt: np.ndarray, k: np.int64) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(k), 3])
-        return self.coarse.make(gt, rng).astype(np.uint8)
+        return self.coarse.make(gt, rng)
 
     def __call__(self, tf: Any, image: Any, gt: Any, k: Any) -> dict[str, Any]:
         """image uint8 [H, W, 3], gt uint8 [H, W] {0, 1}, k int64 -> one training example."""
@@ -209,12 +225,12 @@ class CrmAugment:
         rgb = colour_jitter(tf, rgb, seeds[2:6], self.brightness, self.contrast,
                             self.saturation, self.grayscale_p)
         gt_crop = both[..., 3]
-        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k], tf.uint8, stateful=False)
+        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k], tf.float32, stateful=False)
         coarse = tf.ensure_shape(coarse, [self.crop, self.crop])
         mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
         return {
             "image": (rgb - mean) / std,
-            "mask": (tf.cast(coarse, tf.float32)[..., None] - 0.5) / 0.5,
+            "mask": (coarse[..., None] - 0.5) / 0.5,
             "gt": tf.cast(gt_crop, tf.float32)[..., None],
         }
 

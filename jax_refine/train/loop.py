@@ -23,6 +23,7 @@ the end and, if `config.export_every_checkpoint`, at every checkpoint; config.js
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -73,14 +74,6 @@ class MetricWriter:
             self.writer.close()
 
 
-def task_name(config: ml_collections.ConfigDict) -> str:
-    """config.task ('crm' when absent), checked against `TASKS`."""
-    task = config.get("task", "crm")
-    if task not in TASKS:
-        raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {task!r}")
-    return task
-
-
 def _plain(value: Any) -> Any:
     """ConfigDict / list values -> dict / tuple (constructor arguments, JSON-able)."""
     if isinstance(value, ml_collections.ConfigDict):
@@ -97,64 +90,160 @@ def pna_build_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return _plain(config.model)
 
 
+# ----------------------------------------------------------------------------- CRM pieces
+
+
+def _crm_model(config: ml_collections.ConfigDict) -> CRM:
+    return CRM(**_plain(config.model), dtype=DTYPES[config.dtype])
+
+
+def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
+    c = config.dataset.coarse
+    return pipeline.CrmAugment(
+        seed=config.seed,
+        crop=config.crop_size,
+        coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors),
+                                   c.soft_prob, tuple(c.soft_sigma)),
+    )
+
+
+def _crm_optimizer(config: ml_collections.ConfigDict):
+    return optim.crm_optimizer(
+        config.learning_rate, config.total_steps, tuple(config.lr_boundaries),
+        config.lr_decay_factor, config.weight_decay,
+    )
+
+
+def _crm_train_step(config, model, tx, schedule):
+    # config.query_size (optional; crm_synthetic): decoder queries per example, see step.py.
+    return functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule,
+                             query_size=config.get("query_size"))
+
+
+def _crm_export(config, directory, model, variables) -> None:
+    refine.save_checkpoint(directory, model.clone(dtype=jnp.float32), variables)
+
+
+# ----------------------------------------------------------------------------- PNA pieces
+
+
+def _pna_model(config: ml_collections.ConfigDict) -> Any:
+    return pna_lib.build_pna(**pna_build_kwargs(config), dtype=DTYPES[config.dtype])
+
+
+def _pna_augment(config: ml_collections.ConfigDict) -> pipeline.PnaAugment:
+    a = config.augment
+    return pipeline.PnaAugment(
+        seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
+        scale_range=tuple(a.scale_range),
+        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
+    )
+
+
+def _pna_optimizer(config: ml_collections.ConfigDict):
+    return optim.pna_optimizer(
+        config.learning_rate, config.total_steps, weight_decay=config.weight_decay,
+        power=config.lr_power, clip_norm=config.clip_norm,
+        backbone_multiplier=config.backbone_multiplier,
+    )
+
+
+def _pna_train_step(config, model, tx, schedule):
+    return functools.partial(step_lib.pna_train_step, model=model, tx=tx, schedule=schedule,
+                             loss_kwargs=_plain(config.loss))
+
+
+def _pna_export(config, directory, model, variables) -> None:
+    pna_lib.save_checkpoint(directory, pna_build_kwargs(config), variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What differs between the tasks; every builder takes the config first."""
+
+    model: Callable[..., Any]  # (config) -> Flax module computing in config.dtype
+    synthetic_source: Callable[..., pipeline.Loader]  # (config) -> fresh synthetic scenes
+    record_kwargs: Callable[..., dict[str, Any]]  # (config) -> RecordSource options
+    augment: Callable[..., Any]  # (config) -> the training transform
+    optimizer: Callable[..., tuple[optax.GradientTransformation, optax.Schedule]]
+    train_step: Callable[..., Callable[..., Any]]  # (config, model, tx, schedule) -> step
+    example_inputs: Callable[..., dict[str, jax.ShapeDtypeStruct]]  # (config) -> init shapes
+    init_variables: Callable[..., tuple[Any, Any]]  # (path, params, batch_stats)
+    export_name: str  # the inference checkpoint's directory in the workdir
+    export: Callable[..., None]  # (config, directory, model, variables)
+
+
+TASKS = {
+    "crm": Task(
+        model=_crm_model,
+        synthetic_source=lambda c: pipeline.SyntheticSource(
+            c.seed, c.dataset.min_size, c.dataset.max_size),
+        record_kwargs=lambda c: {},
+        augment=_crm_augment,
+        optimizer=_crm_optimizer,
+        train_step=_crm_train_step,
+        example_inputs=lambda c: step_lib.example_inputs(1, c.crop_size),
+        init_variables=ckpt_lib.load_init_variables,
+        export_name="refiner",
+        export=_crm_export,
+    ),
+    "pna": Task(
+        model=_pna_model,
+        synthetic_source=lambda c: pipeline.SyntheticSemanticSource(
+            c.seed, c.dataset.min_size, c.dataset.max_size, c.dataset.num_classes),
+        # semantic label maps: class ids, 255 = ignore
+        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "binarize": False},
+        augment=_pna_augment,
+        optimizer=_pna_optimizer,
+        train_step=_pna_train_step,
+        example_inputs=lambda c: step_lib.pna_example_inputs(1, pipeline.crop_hw(c.crop_size)),
+        init_variables=ckpt_lib.load_pna_init_variables,
+        export_name="pna",
+        export=_pna_export,
+    ),
+}
+
+
+def task_name(config: ml_collections.ConfigDict) -> str:
+    """config.task ('crm' when absent), checked against `TASKS`."""
+    task = config.get("task", "crm")
+    if task not in TASKS:
+        raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {task!r}")
+    return task
+
+
+def _task(config: ml_collections.ConfigDict) -> Task:
+    return TASKS[task_name(config)]
+
+
 def build_model(config: ml_collections.ConfigDict) -> Any:
     """The model of config.model (CRM arguments, or `build_pna` arguments for task 'pna'),
     computing in config.dtype (parameters stay float32)."""
-    if task_name(config) == "pna":
-        return pna_lib.build_pna(**pna_build_kwargs(config), dtype=DTYPES[config.dtype])
-    return CRM(**_plain(config.model), dtype=DTYPES[config.dtype])
+    return _task(config).model(config)
 
 
 def build_loader(config: ml_collections.ConfigDict) -> pipeline.Loader:
     """The example loader of config.dataset ('synthetic' or a TFDS builder name)."""
     ds = config.dataset
-    pna = task_name(config) == "pna"
     if ds.name == "synthetic":
-        if pna:
-            return pipeline.SyntheticSemanticSource(config.seed, ds.min_size, ds.max_size,
-                                                    ds.num_classes)
-        return pipeline.SyntheticSource(config.seed, ds.min_size, ds.max_size)
+        return _task(config).synthetic_source(config)
     from jax_refine.data import tfds as tfds_lib
 
     records = tfds_lib.data_source(ds.name, data_dir=ds.data_dir, builder_config=ds.config,
                                    split=ds.split, builder_kwargs=ds.builder_kwargs.to_dict())
-    if pna:  # semantic label maps: class ids, 255 = ignore
-        return pipeline.RecordSource(records, config.seed, mask_key=ds.label_key,
-                                     binarize=False)
-    return pipeline.RecordSource(records, config.seed)
+    return pipeline.RecordSource(records, config.seed, **_task(config).record_kwargs(config))
 
 
 def build_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment | pipeline.PnaAugment:
     """The training transform of the task (crop, flips, jitter; CRM coarse masks)."""
-    if task_name(config) == "pna":
-        a = config.augment
-        return pipeline.PnaAugment(
-            seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
-            scale_range=tuple(a.scale_range),
-            brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
-        )
-    c = config.dataset.coarse
-    return pipeline.CrmAugment(
-        seed=config.seed,
-        crop=config.crop_size,
-        coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors)),
-    )
+    return _task(config).augment(config)
 
 
 def build_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The task's optimiser recipe with the config's hyperparameters."""
-    if task_name(config) == "pna":
-        return optim.pna_optimizer(
-            config.learning_rate, config.total_steps, weight_decay=config.weight_decay,
-            power=config.lr_power, clip_norm=config.clip_norm,
-            backbone_multiplier=config.backbone_multiplier,
-        )
-    return optim.crm_optimizer(
-        config.learning_rate, config.total_steps, tuple(config.lr_boundaries),
-        config.lr_decay_factor, config.weight_decay,
-    )
+    return _task(config).optimizer(config)
 
 
 def build_train_step(
@@ -162,48 +251,30 @@ def build_train_step(
     schedule: optax.Schedule,
 ) -> Callable[..., Any]:
     """The task's (unjitted) step `fn(state, batch)` with its config-driven options bound."""
-    if task_name(config) == "pna":
-        return functools.partial(step_lib.pna_train_step, model=model, tx=tx,
-                                 schedule=schedule, loss_kwargs=_plain(config.loss))
-    # config.query_size (optional; crm_synthetic): decoder queries per example, see step.py.
-    return functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule,
-                             query_size=config.get("query_size"))
+    return _task(config).train_step(config, model, tx, schedule)
 
 
 def example_inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of one example of the task's model inputs (for init)."""
-    if task_name(config) == "pna":
-        return step_lib.pna_example_inputs(1, pipeline.crop_hw(config.crop_size))
-    return step_lib.example_inputs(1, config.crop_size)
+    return _task(config).example_inputs(config)
 
 
 def export_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Where training writes the inference checkpoint (CRM: refiner/, PNA: pna/)."""
-    return Path(workdir) / ("pna" if task_name(config) == "pna" else "refiner")
+    return Path(workdir) / _task(config).export_name
 
 
 def export(config: ml_collections.ConfigDict, workdir: Path, model: Any,
            variables: dict[str, Any]) -> None:
     """Write the inference checkpoint of the trained model to `export_dir`."""
-    if task_name(config) == "pna":
-        pna_lib.save_checkpoint(export_dir(config, workdir), pna_build_kwargs(config),
-                                variables)
-    else:
-        refine.save_checkpoint(export_dir(config, workdir), model.clone(dtype=jnp.float32),
-                               variables)
+    _task(config).export(config, export_dir(config, workdir), model, variables)
 
 
 def init_variables(
     config: ml_collections.ConfigDict, params: Any, batch_stats: Any
 ) -> tuple[Any, Any]:
     """(params, batch_stats) from config.init_from (see the module docstring, item 2)."""
-    if task_name(config) == "pna":
-        return ckpt_lib.load_pna_init_variables(config.init_from, params, batch_stats)
-    return ckpt_lib.load_init_variables(config.init_from, params, batch_stats)
-
-
-# Task names; each function above dispatches on them.
-TASKS = ("crm", "pna")
+    return _task(config).init_variables(config.init_from, params, batch_stats)
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
