@@ -14,16 +14,9 @@ from jax_refine.convert import (  # noqa: E402
 )
 from jax_refine.layers import PNALayer, RestormerBlock  # noqa: E402
 from tests.torch_mirrors import pna_layers as mirror  # noqa: E402
+from tests.torch_mirrors.arrays import nchw, nhwc  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("highest_precision")]
-
-
-def _nchw(x: np.ndarray) -> "torch.Tensor":
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
-def _nhwc(t: "torch.Tensor") -> np.ndarray:
-    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
 
 
 def test_restormer_block_parity():
@@ -34,7 +27,7 @@ def test_restormer_block_parity():
     x = np.random.default_rng(0).standard_normal((2, 9, 11, dim)).astype(np.float32)
     ours = RestormerBlock(heads).apply({"params": params}, jnp.asarray(x))
     with torch.no_grad():
-        expected = _nhwc(ref(_nchw(x)))
+        expected = nhwc(ref(nchw(x)))
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
 
@@ -56,7 +49,7 @@ def test_pna_layer_parity(H, W, kernel, dilation, use_sa):
     layer = PNALayer(dim, heads, kernel, 1.0, use_sa, dilation=dilation)
     ours = layer.apply({"params": params}, jnp.asarray(x), jnp.asarray(v))
     with torch.no_grad():
-        expected = _nhwc(ref(_nchw(x), _nchw(v)))
+        expected = nhwc(ref(nchw(x), nchw(v)))
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
     # The converted tree has exactly the structure the layer initialises.
     init = layer.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(v))["params"]

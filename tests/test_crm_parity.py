@@ -11,6 +11,7 @@ from jax_refine.convert import KeyMismatchError, crm_variables, resnet_from_torc
 from jax_refine.models.backbones.resnet import ResNet50  # noqa: E402
 from jax_refine.models.crm import CRM  # noqa: E402
 from tests.torch_mirrors import crm as mirror  # noqa: E402
+from tests.torch_mirrors.arrays import nhwc  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("highest_precision")]
 
@@ -19,10 +20,6 @@ pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("highest_precision")]
 def torch_crm():
     torch.manual_seed(0)
     return mirror.randomise(mirror.CRMNet(), seed=0)
-
-
-def _nhwc(t):
-    return jnp.asarray(t.permute(0, 2, 3, 1).numpy())
 
 
 def test_crm_forward_matches_reference(torch_crm):
@@ -38,7 +35,7 @@ def test_crm_forward_matches_reference(torch_crm):
 
     state = {"module." + k: v for k, v in torch_crm.state_dict().items()}  # DataParallel
     variables = crm_variables(state)
-    got = CRM().apply(variables, _nhwc(image), _nhwc(seg), jnp.asarray(coord), jnp.asarray(cell))
+    got = CRM().apply(variables, nhwc(image), nhwc(seg), jnp.asarray(coord), jnp.asarray(cell))
     assert got.shape == want.shape == (2, 64 * 48, 1)
     assert np.abs(want).max() > 0.1  # the comparison is not vacuous
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
@@ -80,7 +77,7 @@ def test_resnet_from_torchvision_matches_reference():
     assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 4, 64)
     np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"][:, :, 3], 0)
     extra = jnp.asarray(np.random.default_rng(2).normal(size=(1, 64, 64, 1)).astype("f4"))
-    x = jnp.concatenate([_nhwc(image), extra], axis=-1)  # the zero-filled channel is ignored
+    x = jnp.concatenate([nhwc(image), extra], axis=-1)  # the zero-filled channel is ignored
     got = ResNet50(in_channels=4).apply(variables, x)
     for name in ("stem", "layer1", "layer2", "layer3", "layer4"):
         ref = want[name].permute(0, 2, 3, 1).numpy()

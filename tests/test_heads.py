@@ -15,21 +15,10 @@ from jax_refine.models import heads  # noqa: E402
 from jax_refine.models.pna import deeplab_resnet, res_features  # noqa: E402
 from jax_refine.ops.pooling import adaptive_avg_pool, avg_pool_valid  # noqa: E402
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
+from tests.torch_mirrors.arrays import max_err, nchw, nhwc, rand  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 TOL = 1e-4
-
-
-def nhwc(t) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def nchw(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def rand(shape, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def assert_same_tree(variables, module, *args) -> None:
@@ -38,10 +27,6 @@ def assert_same_tree(variables, module, *args) -> None:
     want = jax.tree.map(lambda a: a.shape, dict(init))
     got = jax.tree.map(lambda a: a.shape, {k: v for k, v in variables.items() if v})
     assert got == want
-
-
-def max_err(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 @pytest.mark.parametrize("size", [(7, 9), (13, 5), (6, 6), (1, 4)])

@@ -23,25 +23,10 @@ from jax_refine.models.pna import (  # noqa: E402
 )
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 from tests.torch_mirrors import pna as tp  # noqa: E402
+from tests.torch_mirrors.arrays import max_err, nchw, nhwc, rand  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 TOL = 1e-4
-
-
-def nhwc(t) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def nchw(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def rand(shape, seed=0, scale=1.0) -> np.ndarray:
-    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
-
-
-def max_err(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 def tree_shapes(tree):

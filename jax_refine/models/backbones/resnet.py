@@ -172,13 +172,14 @@ class Conv(nn.Module):
         )
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convolutions), expansion 1.
+class _Block(nn.Module):
+    """Fields shared by the residual blocks.
 
     Attributes:
-      planes: output channels.
-      stride: stride of the first 3x3 convolution.
-      dilation: dilation (and padding) of both 3x3 convolutions.
+      planes: BasicBlock: output channels; Bottleneck: width of the 3x3 convolution (the
+        block outputs 4 * planes channels).
+      stride: stride of the (first) 3x3 convolution (Bottleneck v1.5: not of the first 1x1).
+      dilation: dilation (and padding) of the 3x3 convolution(s).
       downsample: whether the shortcut is a strided 1x1 convolution + BN.
     """
 
@@ -192,6 +193,17 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
+    def shortcut(self, x: Array, conv, norm) -> Array:
+        """The identity, or the strided 1x1 convolution + BN when `downsample`."""
+        if not self.downsample:
+            return x
+        x = conv(self.planes * self.expansion, 1, self.stride, 0, 1, name="downsample_conv")(x)
+        return norm(name="downsample_bn")(x)
+
+
+class BasicBlock(_Block):
+    """ResNet basic block (two 3x3 convolutions), expansion 1."""
+
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False, valid_size=None) -> Array:
         conv, norm = _layers(self, train)
@@ -203,29 +215,11 @@ class BasicBlock(nn.Module):
             out_valid = tuple(conv_out_size(n, 3, self.stride, d, d) for n in valid_size)
         out = conv(self.planes, 3, 1, d, d, name="conv2")(mask_valid(out, out_valid))
         out = norm(name="bn2")(out)
-        if self.downsample:
-            x = conv(self.planes, 1, self.stride, 0, 1, name="downsample_conv")(x)
-            x = norm(name="downsample_bn")(x)
-        return nn.relu(out + x)
+        return nn.relu(out + self.shortcut(x, conv, norm))
 
 
-class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck (1x1 -> 3x3 (strided, dilated) -> 1x1), expansion 4.
-
-    Attributes:
-      planes: width of the 3x3 convolution; the block outputs 4 * planes channels.
-      stride: stride of the 3x3 convolution (v1.5: not of the first 1x1).
-      dilation: dilation (and padding) of the 3x3 convolution.
-      downsample: whether the shortcut is a strided 1x1 convolution + BN.
-    """
-
-    planes: int
-    stride: int = 1
-    dilation: int = 1
-    downsample: bool = False
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class Bottleneck(_Block):
+    """ResNet v1.5 bottleneck (1x1 -> 3x3 (strided, dilated) -> 1x1), expansion 4."""
 
     expansion = 4
 
@@ -237,10 +231,7 @@ class Bottleneck(nn.Module):
         out = conv(self.planes, 3, self.stride, d, d, name="conv2")(mask_valid(out, valid_size))
         out = nn.relu(norm(name="bn2")(out))
         out = norm(name="bn3")(conv(self.planes * 4, 1, 1, 0, 1, name="conv3")(out))
-        if self.downsample:
-            x = conv(self.planes * 4, 1, self.stride, 0, 1, name="downsample_conv")(x)
-            x = norm(name="downsample_bn")(x)
-        return nn.relu(out + x)
+        return nn.relu(out + self.shortcut(x, conv, norm))
 
 
 def _layers(module: nn.Module, train: bool):
