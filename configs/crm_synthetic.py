@@ -47,11 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.min_size = 256
     config.dataset.max_size = 2048
     config.dataset.coarse.lowres_prob = 0.4
+    config.dataset.coarse.lowres_factors = (2.0, 16.0)
     config.dataset.coarse.soft_prob = 0.5
 
     config.batch_size = 8
     config.query_size = 112
-    config.total_steps = 600
+    config.total_steps = 850
     config.learning_rate = 1e-3
     config.lr_boundaries = (0.7, 0.9)
     config.log_every = 10
