@@ -10,7 +10,6 @@ config's model, batch size and crop. The pipeline keeps up when its rate exceeds
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
 from pathlib import Path
@@ -51,14 +50,12 @@ def main() -> None:
 
     from jax_refine.train import mesh as mesh_lib
     from jax_refine.train import step as step_lib
-    from jax_refine.train.state import create_state
 
     model = loop.build_model(config)
     tx, schedule = loop.build_optimizer(config)
     mesh = mesh_lib.make_mesh()
-    state = jax.jit(functools.partial(create_state, model, tx,
-                                      example=loop.example_inputs(config)),
-                    out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))
+    state = step_lib.jit_init_state(model, tx, loop.example_inputs(config), mesh)(
+        jax.random.key(0))
     train_step = step_lib.jit_train_step(loop.build_train_step(config, model, tx, schedule),
                                          mesh)
     gbatch = mesh_lib.global_batch(mesh, batch)

@@ -48,16 +48,12 @@ def worker_jax(args) -> dict:
     from jax_refine.train import mesh as mesh_lib
     from jax_refine.train import optim
     from jax_refine.train import step as step_lib
-    from jax_refine.train.state import create_state
 
     model = CRM()  # the paper's ResNet-50 CRM
     tx, schedule = optim.crm_optimizer(2.25e-4, 45_000)
     mesh = mesh_lib.make_mesh()
-    # Replicated on the mesh like the step's output (as in train/loop.py): a state placed
-    # otherwise would make the step's second call compile again.
-    state = jax.jit(functools.partial(create_state, model, tx,
-                                      example=step_lib.example_inputs(1, args.crop)),
-                    out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))
+    state = step_lib.jit_init_state(model, tx, step_lib.example_inputs(1, args.crop),
+                                    mesh)(jax.random.key(0))
     train_step = step_lib.jit_train_step(
         functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule), mesh)
     batch = mesh_lib.global_batch(mesh, _batch(args.batch, args.crop))

@@ -85,28 +85,31 @@ def load_init_variables(
         from jax_refine.refine import load_checkpoint
 
         _, variables = load_checkpoint(path)
-        return (_replace_subtree(params, variables["params"], f"{path} params"),
-                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+        return _replace_variables(params, batch_stats, variables, path)
     if path.is_file():
         from jax_refine.convert.common import read_checkpoint_file
         from jax_refine.convert.resnet import resnet_from_torchvision
 
         tree = resnet_from_torchvision(read_checkpoint_file(path), in_channels=4, num_stages=3)
-        return _replace_backbone(params, batch_stats, "feats", tree, path)
+        return _replace_variables(params, batch_stats, tree, path, backbone="feats")
     raise FileNotFoundError(f"init_from: {path} is neither a Refiner checkpoint directory "
                             f"(with config.json) nor a torchvision state_dict file")
 
 
-def _replace_backbone(
-    params: dict[str, Any], batch_stats: dict[str, Any], name: str, tree: dict[str, Any],
-    path: Path,
+def _replace_variables(
+    params: dict[str, Any], batch_stats: dict[str, Any], new: dict[str, Any], path: Path,
+    backbone: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params, batch_stats) with subtree `name` taken from `tree` ({'params', 'batch_stats'})."""
-    params = dict(params, **{name: _replace_subtree(params[name], tree["params"],
-                                                    f"{path} backbone params")})
-    batch_stats = dict(batch_stats, **{name: _replace_subtree(
-        batch_stats[name], tree["batch_stats"], f"{path} backbone batch_stats")})
-    return params, batch_stats
+    """(params, batch_stats) with `new`'s ({'params', 'batch_stats'}) in place of the whole
+    trees, or only of their subtree `backbone`."""
+    out = []
+    for tree, key in ((params, "params"), (batch_stats, "batch_stats")):
+        if backbone is None:
+            out.append(_replace_subtree(tree, new[key], f"{path} {key}"))
+        else:
+            out.append(dict(tree, **{backbone: _replace_subtree(
+                tree[backbone], new[key], f"{path} backbone {key}")}))
+    return out[0], out[1]
 
 
 def load_pna_init_variables(
@@ -130,8 +133,7 @@ def load_pna_init_variables(
         from jax_refine.models.pna import load_checkpoint
 
         _, variables, _ = load_checkpoint(path)
-        return (_replace_subtree(params, variables["params"], f"{path} params"),
-                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+        return _replace_variables(params, batch_stats, variables, path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} does not exist")
     from jax_refine import convert
@@ -140,8 +142,7 @@ def load_pna_init_variables(
     state_dict = convert.unwrap_checkpoint(read_checkpoint_file(path))
     if any(k.startswith("sem_seg_head.pna_head.") for k in state_dict):
         variables = convert.pna_variables(state_dict)
-        return (_replace_subtree(params, variables["params"], f"{path} params"),
-                _replace_subtree(batch_stats, variables["batch_stats"], f"{path} batch_stats"))
+        return _replace_variables(params, batch_stats, variables, path)
     if "stem.conv1.weight" in state_dict:
         tree = convert.resnet_from_detectron2(state_dict)
     elif "conv1.weight" in state_dict:
@@ -149,4 +150,4 @@ def load_pna_init_variables(
     else:
         raise ValueError(f"init_from: {path} is neither a PNA checkpoint nor detectron2 / "
                          f"torchvision ResNet weights (first keys: {sorted(state_dict)[:5]})")
-    return _replace_backbone(params, batch_stats, "backbone", tree, path)
+    return _replace_variables(params, batch_stats, tree, path, backbone="backbone")

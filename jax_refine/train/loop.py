@@ -44,7 +44,7 @@ from jax_refine.train import checkpoint as ckpt_lib
 from jax_refine.train import mesh as mesh_lib
 from jax_refine.train import optim
 from jax_refine.train import step as step_lib
-from jax_refine.train.state import TrainState, create_state
+from jax_refine.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -301,8 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     rep = mesh_lib.replicated(mesh)
     model = build_model(config)
     tx, schedule = build_optimizer(config)
-    init = jax.jit(functools.partial(create_state, model, tx, example=example_inputs(config)),
-                   out_shardings=rep)
+    init = step_lib.jit_init_state(model, tx, example_inputs(config), mesh)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)
     abstract = jax.tree_util.tree_map(

@@ -12,6 +12,7 @@ into the program) instead of being shipped with each example. (The regular-grid 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from jax_refine import losses
 from jax_refine.models.pna import pad_to_divisibility
 from jax_refine.ops import grid
 from jax_refine.train import mesh as mesh_lib
-from jax_refine.train.state import TrainState
+from jax_refine.train.state import TrainState, create_state
 
 Batch = dict[str, Any]
 
@@ -159,6 +160,17 @@ def pna_train_step(
         return total, (terms, updates["batch_stats"])
 
     return update(state, loss_fn, tx, schedule)
+
+
+def jit_init_state(
+    model: Any, tx: optax.GradientTransformation, example: dict[str, Any],
+    mesh: jax.sharding.Mesh,
+) -> Callable[[jax.Array], TrainState]:
+    """jit of `rng -> create_state(model, tx, rng, example)`, the state replicated on `mesh`
+    as `jit_train_step` takes and returns it (a state placed otherwise would make the step
+    compile again on its second call)."""
+    return jax.jit(functools.partial(create_state, model, tx, example=example),
+                   out_shardings=mesh_lib.replicated(mesh))
 
 
 def jit_train_step(
