@@ -83,3 +83,71 @@ def test_object_boundaries_are_visible():
 def test_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         make_scene(*args)
+
+
+# Windows: (seed, height, width, num_classes, (top, left, h, w)), touching each scene border,
+# inside it, with a 1-px margin all round, and one pixel wide; with and without camera blur.
+WINDOWS = [
+    (0, 256, 256, 1, (16, 40, 100, 120)),
+    (1, 700, 517, 3, (0, 0, 224, 224)),
+    (2, 700, 517, 1, (476, 293, 224, 224)),
+    (3, 2048, 2048, 1, (1, 1, 2046, 2046)),
+    (4, 1100, 1300, 1, (0, 500, 224, 224)),
+    (5, 1100, 1300, 1, (500, 0, 224, 224)),
+    (6, 1100, 1300, 1, (876, 600, 224, 224)),
+    (7, 1100, 1300, 1, (300, 1076, 224, 224)),
+    (8, 2048, 2048, 1, (900, 1200, 224, 224)),
+    (9, 300, 301, 1, (0, 300, 300, 1)),
+]
+
+
+@pytest.mark.parametrize("seed, height, width, num_classes, window", WINDOWS)
+def test_window_is_the_crop_of_the_full_render(seed, height, width, num_classes, window):
+    """Label: bit-exact. Image: equal up to the sensor noise, which is drawn anew."""
+    top, left, h, w = window
+    full_image, full_label = make_scene(seed, height, width, num_classes)
+    image, label = make_scene(seed, height, width, num_classes, window=window)
+    assert image.shape == (h, w, 3) and label.shape == (h, w)
+    np.testing.assert_array_equal(label, full_label[top : top + h, left : left + w])
+
+    crop = full_image[top : top + h, left : left + w]
+    diff = image.astype(np.float32) - crop
+    # Two independent noises in [-6, 6] differ by at most 12; one more for float rounding.
+    assert np.abs(diff).max() <= 13
+    if h * w < 10_000:
+        return
+    # Their difference has mean |d| = 728 / 169 = 4.31 (away from saturated pixels) and, once
+    # blurred (sigma 2), mean |d| ~ 0.6: a mismatch of the noise-free images would add to both.
+    unsaturated = (crop >= 12) & (crop <= 243)
+    assert abs(np.abs(diff[unsaturated]).mean() - 728 / 169) < 0.25
+    assert np.abs(cv2.GaussianBlur(diff, (0, 0), 2)).mean() < 0.8
+
+
+def test_window_labels_at_random_windows():
+    """Labels of random windows (many crossing long polygon edges and strokes) are exact."""
+    rng = np.random.default_rng(0)
+    for seed, size in [(10, 256), (11, 640), (12, 1500), (13, 2048)]:
+        _, full = make_scene(seed, size, size)
+        for _ in range(12):
+            h, w = rng.integers(1, min(size, 300) + 1, size=2)
+            top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+            _, label = make_scene(seed, size, size, window=(top, left, h, w))
+            np.testing.assert_array_equal(label, full[top : top + h, left : left + w])
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        (-1, 0, 10, 10),
+        (0, -1, 10, 10),
+        (0, 0, 0, 10),
+        (0, 0, 10, 0),
+        (60, 0, 5, 5),
+        (0, 60, 5, 5),
+        (0, 0, 65, 64),
+        (0, 0, 10),
+    ],
+)
+def test_bad_windows(window):
+    with pytest.raises(ValueError, match="window"):
+        make_scene(0, 64, 64, window=window)

@@ -3,7 +3,8 @@
 A scene is drawn from its seed alone, in continuous coordinates (x to the right and y down,
 both in [0, 1], whatever the aspect ratio), and only then rasterised at the requested size:
 the same seed gives the same geometry at 224 px and at 6K, so a model trained on small
-renders is tested on large ones from the same distribution.
+renders is tested on large ones from the same distribution. A `window` renders only a crop
+of that render, at the crop's cost (training crops of large scenes).
 
 What a scene holds, so that refinement is learnable and measurable:
 
@@ -34,6 +35,9 @@ THIN_WIDTH_PX_AT_4K = (1.0, 4.0)
 _REFERENCE_SIZE = 4096
 _SUBPIXEL_BITS = 4  # cv2 drawing precision: 1/16 px.
 _TEXTURE_GRIDS = (6, 24, 96)  # Noise-field grid sizes: coarse, medium and fine texture.
+# Camera blur: cv2's 5-tap kernel (sigma <= 0.7) reaches 2 px; a window is painted this much
+# larger (within the scene) so that its blurred pixels equal the full render's.
+_BLUR_MARGIN = 3
 
 
 @dataclass
@@ -58,18 +62,30 @@ class _Shape:
 
 
 def make_scene(
-    seed: int, height: int, width: int, num_classes: int = 1
+    seed: int,
+    height: int,
+    width: int,
+    num_classes: int = 1,
+    *,
+    window: tuple[int, int, int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render scene `seed` at `height` x `width`.
+    """Render scene `seed` at `height` x `width`, or only the `window` of that render.
 
     Args:
       seed: any non-negative integer; the scene is a pure function of it.
       height, width: render size in pixels (>= 8 each).
       num_classes: number of object classes (1 = binary).
+      window: (top, left, h, w) in pixels, inside the scene: render only rows [top, top + h)
+        and columns [left, left + w), at about the cost of an h x w render. The label equals
+        the full render's label there, bit for bit. The image equals the full render's image
+        there except for the sensor noise, which is drawn for the window alone (same
+        distribution, other values), and for the float rounding of the smooth texture and
+        illumination fields (a pixel may round one level differently).
+        None renders the whole scene.
 
     Returns:
-      image: uint8 [height, width, 3] RGB.
-      label: uint8 [height, width], values in {0, ..., num_classes}.
+      image: uint8 [h, w, 3] RGB ([height, width, 3] without a window).
+      label: uint8 [h, w], values in {0, ..., num_classes}.
     """
     if height < 8 or width < 8:
         raise ValueError(f"scene size must be at least 8x8, got {height}x{width}")
@@ -77,13 +93,44 @@ def make_scene(
         raise ValueError(f"num_classes must be in 1..254, got {num_classes}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    top, left, h, w = _check_window(window, height, width)
     rng = np.random.default_rng([seed, num_classes])
     regions, shapes = _compose(rng, num_classes)
     fields = _noise_fields(rng)
-    region_map = _rasterise(shapes, height, width)
-    label = np.array([r.label for r in regions], np.uint8)[region_map]
-    image = _paint(regions, region_map, fields, rng, height, width)
-    return image, label
+    # Paint the window grown by the camera blur's reach (within the scene), then cut it out.
+    area_top, area_left = max(top - _BLUR_MARGIN, 0), max(left - _BLUR_MARGIN, 0)
+    area = (
+        area_top,
+        area_left,
+        min(top + h + _BLUR_MARGIN, height) - area_top,
+        min(left + w + _BLUR_MARGIN, width) - area_left,
+    )
+    region_map = _rasterise(shapes, height, width, area)
+    image = _paint(regions, region_map, fields, height, width, area)
+    inner = (
+        slice(top - area_top, top - area_top + h),
+        slice(left - area_left, left - area_left + w),
+    )
+    label = np.array([r.label for r in regions], np.uint8)[region_map[inner]]
+    noise = rng.integers(-6, 7, size=(h, w, 3), dtype=np.int8)
+    return cv2.add(image[inner], noise, dtype=cv2.CV_8U), label
+
+
+def _check_window(
+    window: tuple[int, int, int, int] | None, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """`window` as (top, left, h, w) ints; the whole scene for None. Raises if not inside."""
+    if window is None:
+        return 0, 0, height, width
+    if len(window) != 4:
+        raise ValueError(f"window must be (top, left, h, w), got {window}")
+    top, left, h, w = (int(v) for v in window)
+    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > height or left + w > width:
+        raise ValueError(
+            f"window (top, left, h, w) = {tuple(window)} must be non-empty and inside the "
+            f"{height}x{width} scene"
+        )
+    return top, left, h, w
 
 
 # --- Scene composition (continuous, resolution independent) -------------------------------
@@ -259,39 +306,65 @@ def _to_pixels(points: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.round(pixels * (1 << _SUBPIXEL_BITS)).astype(np.int32)
 
 
-def _rasterise(shapes: list[_Shape], height: int, width: int) -> np.ndarray:
-    """Region index of every pixel (uint8 [H, W]); region 0 is the background."""
-    region_map = np.zeros((height, width), np.uint8)
+def _rasterise(
+    shapes: list[_Shape], height: int, width: int, window: tuple[int, int, int, int]
+) -> np.ndarray:
+    """Region index of every pixel of `window` (top, left, h, w) of the scene: uint8 [h, w].
+
+    Region 0 is the background. Drawing shifted by whole pixels gives the same pixels, except
+    that cv2 clips each line segment to the canvas before drawing it, and a segment clipped
+    elsewhere is drawn slightly differently. So the canvas is the window grown to hold every
+    segment that reaches the window, cut by the scene (where the full render clips them).
+    """
+    top, left, h, w = window
     size = (height + width) / 2
+    drawables = []  # (fixed-point points, closed, region, stroke thickness or 0 for a fill)
     for shape in shapes:
         if shape.outline is not None:
+            drawables.append((_to_pixels(shape.outline, height, width), True, shape.region, 0))
+            for hole in shape.holes:
+                drawables.append((_to_pixels(hole, height, width), True, 0, 0))
+        else:
+            thickness = max(1, int(round(shape.width * size)))
+            drawables.append(
+                (_to_pixels(shape.stroke, height, width), False, shape.region, thickness)
+            )
+
+    lo, hi = np.array([top, left]), np.array([top + h, left + w])  # canvas (y, x), end excluded
+    for points, closed, _, thickness in drawables:
+        ends = np.roll(points, -1, axis=0) if closed else points[1:]
+        starts = points if closed else points[:-1]
+        reach = thickness // 2 + 2  # pixels a segment's drawing reaches beyond its end points
+        seg_lo = (np.minimum(starts, ends)[:, ::-1] >> _SUBPIXEL_BITS) - reach
+        seg_hi = (np.maximum(starts, ends)[:, ::-1] >> _SUBPIXEL_BITS) + 1 + reach
+        near = np.all((seg_lo < [top + h, left + w]) & (seg_hi > [top, left]), axis=1)
+        if near.any():
+            lo = np.minimum(lo, seg_lo[near].min(0))
+            hi = np.maximum(hi, seg_hi[near].max(0))
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, [height, width])
+
+    region_map = np.zeros(hi - lo, np.uint8)
+    shift = (lo[::-1] << _SUBPIXEL_BITS).astype(np.int32)  # canvas origin, fixed-point (x, y)
+    for points, closed, region, thickness in drawables:
+        if closed:
             cv2.fillPoly(
                 region_map,
-                [_to_pixels(shape.outline, height, width)],
-                int(shape.region),
+                [points - shift],
+                int(region),
                 lineType=cv2.LINE_8,
                 shift=_SUBPIXEL_BITS,
             )
-            for hole in shape.holes:
-                cv2.fillPoly(
-                    region_map,
-                    [_to_pixels(hole, height, width)],
-                    0,
-                    lineType=cv2.LINE_8,
-                    shift=_SUBPIXEL_BITS,
-                )
         else:
-            thickness = max(1, int(round(shape.width * size)))
             cv2.polylines(
                 region_map,
-                [_to_pixels(shape.stroke, height, width)],
+                [points - shift],
                 False,
-                int(shape.region),
+                int(region),
                 thickness=thickness,
                 lineType=cv2.LINE_8,
                 shift=_SUBPIXEL_BITS,
             )
-    return region_map
+    return region_map[top - lo[0] : top - lo[0] + h, left - lo[1] : left - lo[1] + w]
 
 
 # --- Appearance ----------------------------------------------------------------------------
@@ -305,13 +378,47 @@ def _noise_fields(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return fields
 
 
-def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Smooth float32 upsampling: bicubic up to at most 512 px, then bilinear (cheap at 4K)."""
-    mid = (min(width, 512), min(height, 512))
-    field_mid = cv2.resize(grid.astype(np.float32), mid, interpolation=cv2.INTER_CUBIC)
-    if mid == (width, height):
-        return field_mid
-    return cv2.resize(field_mid, (width, height), interpolation=cv2.INTER_LINEAR)
+def _upsample(
+    grid: np.ndarray, height: int, width: int, window: tuple[int, int, int, int]
+) -> np.ndarray:
+    """`grid` upsampled smoothly to `height` x `width`, on `window` only: float32 [h, w].
+
+    Bicubic up to at most 512 px, then bilinear (cheap at 4K). A window smaller than the scene
+    does the bilinear stage for its own rows and columns only (`_linear_taps`).
+    """
+    top, left, h, w = window
+    mid_h, mid_w = min(height, 512), min(width, 512)
+    field = cv2.resize(grid.astype(np.float32), (mid_w, mid_h), interpolation=cv2.INTER_CUBIC)
+    if (mid_h, mid_w) == (height, width):
+        return field[top : top + h, left : left + w]
+    if (h, w) == (height, width):
+        return cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR)
+    rows, row_weights = _linear_taps(top, h, mid_h, height)
+    cols, col_weights = _linear_taps(left, w, mid_w, width)
+    field = field[:, cols.min() : cols.max() + 1]  # the columns the window reads
+    cols -= cols.min()
+    field = field[rows[0]] * row_weights[0, :, None] + field[rows[1]] * row_weights[1, :, None]
+    return field[:, cols[0]] * col_weights[0] + field[:, cols[1]] * col_weights[1]
+
+
+def _linear_taps(
+    start: int, count: int, size_in: int, size_out: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.INTER_LINEAR's source indices and weights for outputs start..start + count - 1.
+
+    Of a size_in -> size_out resize, along one axis: output x reads source position
+    (x + 0.5) * size_in / size_out - 0.5 (pixel centres), clamped to the border pixels.
+    Returns int64 [2, count] indices and float32 [2, count] weights.
+    """
+    src = ((np.arange(start, start + count) + 0.5) * (size_in / size_out) - 0.5).astype(np.float32)
+    first = np.floor(src)
+    frac = src - first
+    first = first.astype(np.int64)
+    frac[first < 0] = 0
+    frac[first >= size_in - 1] = 0
+    first = np.clip(first, 0, size_in - 1)
+    second = np.minimum(first + 1, size_in - 1)
+    return np.stack([first, second]), np.stack([1 - frac, frac])
 
 
 def _lookup(region_map: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -325,25 +432,30 @@ def _paint(
     regions: list[_Region],
     region_map: np.ndarray,
     fields: dict[str, np.ndarray],
-    rng: np.random.Generator,
     height: int,
     width: int,
+    window: tuple[int, int, int, int],
 ) -> np.ndarray:
-    """Colour, texture, illumination, blur and noise -> uint8 RGB image."""
+    """Colour, texture, illumination and blur of `window` (top, left, h, w) of the scene.
+
+    `region_map` is the window's (uint8 [h, w]). Returns uint8 [h, w, 3] RGB, noise-free; the
+    blur treats the window's edges as the scene's (exact only where they are the scene's).
+    """
+    h, w = window[2:]
     weights = np.stack([r.texture for r in regions])  # [R, T]
-    texture = np.zeros((height, width), np.float32)
+    texture = np.zeros((h, w), np.float32)
     for i in range(len(_TEXTURE_GRIDS)):
         texture += _lookup(region_map, weights[:, i]) * _upsample(
-            fields[f"texture{i}"], height, width
+            fields[f"texture{i}"], height, width, window
         )
 
     gx, gy, strength = fields["gradient"]
     ramp = np.linspace(-0.5, 0.5, 8)
     illumination = 1.0 + strength * (gy * ramp[:, None] + gx * ramp[None, :])
     illumination += cv2.resize(fields["illumination"], (8, 8), interpolation=cv2.INTER_CUBIC)
-    illumination = _upsample(illumination, height, width)
+    illumination = _upsample(illumination, height, width, window)
 
-    image = np.empty((height, width, 3), np.uint8)
+    image = np.empty((h, w, 3), np.uint8)
     for channel in range(3):
         value = _lookup(region_map, np.array([r.tint[channel] for r in regions]))
         value *= texture
@@ -354,8 +466,7 @@ def _paint(
     sigma = 0.7 * min(1.0, (height + width) / 2 / 1024)  # Camera blur: 0.7 px from 1K up.
     if sigma > 0.3:
         image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
-    noise = rng.integers(-6, 7, size=image.shape, dtype=np.int8)
-    return cv2.add(image, noise, dtype=cv2.CV_8U)
+    return image
 
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
