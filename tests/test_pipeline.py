@@ -159,3 +159,34 @@ def test_synthetic_semantic_source_is_multiclass_and_seeded():
     again = source(5)
     np.testing.assert_array_equal(again[1], label)
     assert not np.array_equal(source(6)[0][:64, :64], image[:64, :64])
+
+
+def test_synthetic_source_window_is_a_crop_of_the_same_scene():
+    whole = pipeline.SyntheticSource(3, 48, 80)
+    windowed = pipeline.SyntheticSource(3, 48, 80, window=CROP)
+    corners = set()
+    for k in range(6):
+        image, label = windowed(k)
+        assert image.shape == (CROP, CROP, 3) and label.shape == (CROP, CROP)
+        np.testing.assert_array_equal(windowed(k)[0], image)  # deterministic in (seed, k)
+        full_image, full_label = whole(k)  # same size and scene: the window is one of its crops
+        size = full_label.shape[0]
+        matches = [(t, x) for t in range(size - CROP + 1) for x in range(size - CROP + 1)
+                   if np.array_equal(full_label[t:t + CROP, x:x + CROP], label)]
+        diffs = [np.abs(image.astype(int) - full_image[t:t + CROP, x:x + CROP]).max()
+                 for t, x in matches]
+        assert min(diffs) <= 13  # only the sensor noise differs
+        corners.add(matches[int(np.argmin(diffs))])
+    assert len(corners) > 1
+
+
+def test_synthetic_source_window_not_larger_than_the_scene():
+    image, label = pipeline.SyntheticSource(0, 40, 40, window=64)(0)
+    assert image.shape == (40, 40, 3) and label.shape == (40, 40)
+
+
+def test_windowed_source_batches():
+    ds = pipeline.train_dataset(pipeline.SyntheticSource(3, 48, 80, window=CROP),
+                                pipeline.CrmAugment(3, crop=CROP), global_batch_size=2)
+    (batch,) = _take(ds, 1)
+    assert batch["image"].shape == (2, CROP, CROP, 3) and batch["gt"].shape == (2, CROP, CROP, 1)

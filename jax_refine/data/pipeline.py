@@ -6,7 +6,9 @@ and horizontal flip of image and mask together (one stateless seed) -> colour ji
 image (brightness 0.2, contrast 0.05, saturation 0.05, torchvision semantics) and random
 grayscale (p = 0.1, torchvision's default) -> coarse mask = `perturb_mask(gt_crop, t)` with
 t ~ U[0.8, 1) (optionally mixed with `coarse_from_lowres`, see `CoarseSpec`) -> ImageNet
-normalisation, mask to [-1, 1], gt to {0, 1} float.
+normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's `SyntheticSource`
+renders only a crop-sized window of each scene, at a random position, instead of the whole
+scene, so there the random crop is a no-op.
 
 Determinism and resume: the global example number k = step * batch_size + position seeds
 every random choice (stateless TF ops seeded with (seed, k); numpy Generators seeded with
@@ -63,18 +65,29 @@ class SyntheticSource:
       min_size, max_size: scenes are square with a side drawn log-uniformly from
         [min_size, max_size] (every octave of sizes equally often, as the octave-spaced scales
         of the multi-resolution schedule show the model a test image at several sizes).
+      window: if > 0, a scene larger than window x window is not rendered whole: only a
+        window x window crop of it, at a position drawn uniformly from (seed, k), is rendered
+        (`make_scene(window=...)`: the crop's exact label, its image with its own sensor
+        noise). With window = the augment's crop, the augment's random crop is a no-op.
+    Returns (image uint8 [s, s, 3], label uint8 [s, s] {0, 1}), s = window if the scene is
+    larger, else the scene's side.
     """
 
     seed: int
     min_size: int = 448
     max_size: int = 1024
+    window: int = 0
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, k, 1])
         log_size = rng.uniform(np.log(self.min_size), np.log(self.max_size + 1))
         size = min(int(np.exp(log_size)), self.max_size)
         scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
-        image, label = make_scene(scene, size, size)
+        window = None
+        if 0 < self.window < size:
+            top, left = (int(v) for v in rng.integers(size - self.window + 1, size=2))
+            window = (top, left, self.window, self.window)
+        image, label = make_scene(scene, size, size, window=window)
         return image, (label > 0).astype(np.uint8)
 
 
