@@ -92,8 +92,8 @@ def crm_train_step(
     rng and step: the encoder still sees the whole crop, the queries keep the full crop's
     coordinates and cells, and the window is contiguous so the Sobel-gradient loss stays exact
     — as LIIF trains its implicit decoder on a random subset of the query pixels. The decoder
-    dominates the full-crop step's cost (~70% with crm_synthetic's model at 224 px; 112² of
-    its 160² crops halve its step), so this buys more steps.
+    dominates the full-crop step's cost (~70% with crm_synthetic's model at 224 px, where a
+    112² window halves the step: 1.74 -> 0.83 s), so this buys more steps.
     Returns the new state and scalar metrics (loss, its terms, lr, grad_norm).
     """
     image, mask, gt = batch["image"], batch["mask"], batch["gt"]
