@@ -1,7 +1,7 @@
 """`make demo`: train CRM on synthetic scenes, then refine held-out 2048-px scenes.
 
 Run as `python -m jax_refine.demo [--workdir demo_out/crm_synthetic] [--config.KEY=VALUE]`.
-Trains `configs/crm_synthetic.py` on 224-px crops (resuming if the workdir already has
+Trains `configs/crm_synthetic.py` on 160-px crops (resuming if the workdir already has
 checkpoints), exports the Refiner checkpoint, then evaluates it with the multi-resolution
 Refiner on held-out 2048 x 2048 scenes with coarse masks from `perturb_mask` (made at 512 px
 and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`, printing IoU /

@@ -180,6 +180,26 @@ def test_synthetic_source_window_is_a_crop_of_the_same_scene():
     assert len(corners) > 1
 
 
+def test_synthetic_source_window_tries_find_a_boundary_in_the_same_scene():
+    one_try = pipeline.SyntheticSource(3, 96, 160, window=CROP)
+    tries = pipeline.SyntheticSource(3, 96, 160, window=CROP, window_tries=8)
+    whole = pipeline.SyntheticSource(3, 96, 160)
+    empty = [k for k in range(40) if not one_try(k)[1].any()]
+    assert len(empty) >= 3  # the draws this test is about: one try lands on background only
+    for k in empty:
+        image, label = tries(k)
+        assert 0 < label.sum() < label.size  # object and background
+        np.testing.assert_array_equal(tries(k)[1], label)  # deterministic in (seed, k)
+        full = whole(k)[1]  # a crop of the same scene
+        size = full.shape[0]
+        assert any(np.array_equal(full[t:t + CROP, x:x + CROP], label)
+                   for t in range(size - CROP + 1) for x in range(size - CROP + 1))
+    for k in range(12):  # a first window that already holds a boundary is kept
+        if k in empty or one_try(k)[1].all():
+            continue
+        np.testing.assert_array_equal(tries(k)[1], one_try(k)[1])
+
+
 def test_synthetic_source_window_not_larger_than_the_scene():
     image, label = pipeline.SyntheticSource(0, 40, 40, window=64)(0)
     assert image.shape == (40, 40, 3) and label.shape == (40, 40)
