@@ -46,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     # probability lowres_prob coarse_from_lowres with a factor ~ U[lowres_factors]; then with
     # probability soft_prob a Gaussian blur of sigma ~ U[soft_sigma] px (see CoarseSpec).
     config.dataset.coarse = ml_collections.ConfigDict(dict(
-        iou_range=(0.8, 1.0), lowres_prob=0.0, lowres_factors=(4.0, 16.0), soft_prob=0.0,
-        soft_sigma=(0.5, 3.0)))
+        iou_range=(0.8, 1.0), lowres_prob=0.0, lowres_factors=(4.0, 16.0), lowres_min_side=0,
+        soft_prob=0.0, soft_sigma=(0.5, 3.0)))
 
     config.crop_size = 224  # random crop side; the decoder is queried at every pixel
     config.batch_size = 12  # global batch (all devices of all hosts)
