@@ -119,44 +119,6 @@ def test_coarse_spec_soft_masks_are_blurred_binary_masks():
     np.testing.assert_array_equal(soft[45] > 0.5, gt[45].astype(bool))
 
 
-def test_coarse_spec_lowres_factor_is_capped_by_the_whole_image_side():
-    gt = np.zeros((96, 96), np.uint8)
-    gt[20:70, 30:80] = 1
-    spec = pipeline.CoarseSpec(lowres_prob=1.0, lowres_factors=(8.0, 16.0), lowres_min_side=128)
-
-    def expected(side, low, high):  # the same draws, with the factor range [low, high]
-        rng = np.random.default_rng(0)
-        rng.random()
-        return pipeline.coarse_from_lowres(gt, float(rng.uniform(low, high)), rng)
-
-    for side, (low, high) in ((4096, (8, 16)), (1536, (8, 12)), (512, (4, 4)), (64, (1, 1))):
-        got = spec.make(gt, np.random.default_rng(0), image_side=side)
-        np.testing.assert_array_equal(got, expected(side, low, high))
-    # Without image_side the crop is the whole image: 96 px allows no downsampling at all.
-    np.testing.assert_array_equal(spec.make(gt, np.random.default_rng(0)), expected(96, 1, 1))
-
-
-def test_crm_augment_caps_lowres_by_the_scene_not_the_window():
-    gt = np.zeros((32, 32), np.uint8)
-    gt[8:24, 4:20] = 1
-    spec = pipeline.CoarseSpec(lowres_prob=1.0, lowres_factors=(4.0, 8.0), lowres_min_side=16)
-    windowed = pipeline.CrmAugment(3, crop=32, coarse=spec, scene_size=lambda k: 1024)
-    whole = pipeline.CrmAugment(3, crop=32, coarse=spec)
-    for k in range(4):
-        draws = [3, k, 3]  # the augment's rng seed for example k
-        np.testing.assert_array_equal(windowed.coarse_mask(gt, k, 32),
-                                      spec.make(gt, np.random.default_rng(draws), 1024))
-        np.testing.assert_array_equal(whole.coarse_mask(gt, k, 32),
-                                      spec.make(gt, np.random.default_rng(draws), 32))
-
-
-def test_synthetic_source_scene_size_is_the_window_scene():
-    source = pipeline.SyntheticSource(3, 48, 160, window=CROP)
-    whole = pipeline.SyntheticSource(3, 48, 160)
-    for k in range(6):
-        assert source.scene_size(k) == whole(k)[1].shape[0]
-
-
 @pytest.mark.parametrize("batch,processes", [(3, 2)])
 def test_indivisible_batch_is_an_error(batch, processes):
     with pytest.raises(ValueError, match="divisible"):
@@ -216,26 +178,6 @@ def test_synthetic_source_window_is_a_crop_of_the_same_scene():
         assert min(diffs) <= 13  # only the sensor noise differs
         corners.add(matches[int(np.argmin(diffs))])
     assert len(corners) > 1
-
-
-def test_synthetic_source_window_tries_find_a_boundary_in_the_same_scene():
-    one_try = pipeline.SyntheticSource(3, 96, 160, window=CROP)
-    tries = pipeline.SyntheticSource(3, 96, 160, window=CROP, window_tries=8)
-    whole = pipeline.SyntheticSource(3, 96, 160)
-    empty = [k for k in range(40) if not one_try(k)[1].any()]
-    assert len(empty) >= 3  # the draws this test is about: one try lands on background only
-    for k in empty:
-        image, label = tries(k)
-        assert 0 < label.sum() < label.size  # object and background
-        np.testing.assert_array_equal(tries(k)[1], label)  # deterministic in (seed, k)
-        full = whole(k)[1]  # a crop of the same scene
-        size = full.shape[0]
-        assert any(np.array_equal(full[t:t + CROP, x:x + CROP], label)
-                   for t in range(size - CROP + 1) for x in range(size - CROP + 1))
-    for k in range(12):  # a first window that already holds a boundary is kept
-        if k in empty or one_try(k)[1].all():
-            continue
-        np.testing.assert_array_equal(tries(k)[1], one_try(k)[1])
 
 
 def test_synthetic_source_window_not_larger_than_the_scene():

@@ -69,11 +69,6 @@ class SyntheticSource:
         window x window crop of it, at a position drawn uniformly from (seed, k), is rendered
         (`make_scene(window=...)`: the crop's exact label, its image with its own sensor
         noise). With window = the augment's crop, the augment's random crop is a no-op.
-      window_tries: with a window, up to this many positions are drawn and the first whose
-        label holds both object and background is kept (else the last). A window of a large
-        scene is often all background (23% of 160-px windows of 256..2048-px scenes), which
-        teaches a refiner nothing: its coarse mask is empty too. The reference's training
-        images (saliency datasets, objects centred) hold a boundary in nearly every crop.
     Returns (image uint8 [s, s, 3], label uint8 [s, s] {0, 1}), s = window if the scene is
     larger, else the scene's side.
     """
@@ -82,32 +77,18 @@ class SyntheticSource:
     min_size: int = 448
     max_size: int = 1024
     window: int = 0
-    window_tries: int = 1
 
-    def _draw(self, k: int) -> tuple[np.random.Generator, int, int]:
-        """(rng, scene side, scene seed) of example k; the rng goes on to draw the window."""
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, k, 1])
         log_size = rng.uniform(np.log(self.min_size), np.log(self.max_size + 1))
         size = min(int(np.exp(log_size)), self.max_size)
-        return rng, size, TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
-
-    def scene_size(self, k: int) -> int:
-        """Side of example k's whole scene (its window is a crop of it)."""
-        return self._draw(k)[1]
-
-    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        rng, size, scene = self._draw(k)
-        if not 0 < self.window < size:
-            image, label = make_scene(scene, size, size)
-            return image, (label > 0).astype(np.uint8)
-        for _ in range(max(self.window_tries, 1)):
+        scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
+        window = None
+        if 0 < self.window < size:
             top, left = (int(v) for v in rng.integers(size - self.window + 1, size=2))
-            image, label = make_scene(
-                scene, size, size, window=(top, left, self.window, self.window))
-            label = (label > 0).astype(np.uint8)
-            if 0 < int(label.sum()) < label.size:
-                break
-        return image, label
+            window = (top, left, self.window, self.window)
+        image, label = make_scene(scene, size, size, window=window)
+        return image, (label > 0).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +155,6 @@ class CoarseSpec:
       iou_range: perturb_mask's target IoU ~ U[iou_range) (paper: [0.8, 1)).
       lowres_prob: probability of using `coarse_from_lowres` instead (paper: 0).
       lowres_factors: its downsampling factor ~ U[lowres_factors].
-      lowres_min_side: if > 0, the factor is drawn from U[lo, min(hi, side / lowres_min_side)]
-        (at least 1), `side` being the whole image's longer side: a segmenter sees whole
-        images, and one that saw this one at fewer pixels than this would have lost its
-        objects entirely. Without it, a factor of 16 on a crop of a 256-px scene imitates a
-        16-px segmenter: every object vanishes and the model learns to invent objects from
-        texture (measured: 20-30 px blobs in textured background, even from the true mask).
       soft_prob: probability of then blurring the binary mask with a Gaussian of standard
         deviation ~ U[soft_sigma] pixels (paper: 0). Multi-resolution inference feeds each
         scale the previous scale's *probabilities*, whose boundaries are soft ramps a few
@@ -191,23 +166,13 @@ class CoarseSpec:
     iou_range: tuple[float, float] = (0.8, 1.0)
     lowres_prob: float = 0.0
     lowres_factors: tuple[float, float] = (4.0, 16.0)
-    lowres_min_side: int = 0
     soft_prob: float = 0.0
     soft_sigma: tuple[float, float] = (0.5, 3.0)
 
-    def make(self, gt: np.ndarray, rng: np.random.Generator, image_side: int = 0) -> np.ndarray:
-        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop.
-
-        `image_side`: longer side of the whole image the crop comes from (for
-        `lowres_min_side`; 0 = the crop's own).
-        """
+    def make(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop."""
         if rng.random() < self.lowres_prob:
-            low, high = self.lowres_factors
-            if self.lowres_min_side > 0:
-                side = image_side or max(gt.shape)
-                high = max(min(high, side / self.lowres_min_side), 1.0)
-                low = min(low, high)
-            coarse = coarse_from_lowres(gt, float(rng.uniform(low, high)), rng)
+            coarse = coarse_from_lowres(gt, float(rng.uniform(*self.lowres_factors)), rng)
         else:
             coarse = perturb_mask(gt, float(rng.uniform(*self.iou_range)), rng)
         coarse = coarse.astype(np.float32)
@@ -252,14 +217,10 @@ class CrmAugment:
     saturation: float = 0.05
     grayscale_p: float = 0.1
     coarse: CoarseSpec = CoarseSpec()
-    # k -> side of example k's whole image, for a loader that yields windows of larger
-    # scenes (`SyntheticSource.scene_size`); None: the loaded image is the whole image.
-    scene_size: Callable[[int], int] | None = None
 
-    def coarse_mask(self, gt: np.ndarray, k: np.int64, loaded_side: np.int32) -> np.ndarray:
+    def coarse_mask(self, gt: np.ndarray, k: np.int64) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(k), 3])
-        side = self.scene_size(int(k)) if self.scene_size else int(loaded_side)
-        return self.coarse.make(gt, rng, side)
+        return self.coarse.make(gt, rng)
 
     def __call__(self, tf: Any, image: Any, gt: Any, k: Any) -> dict[str, Any]:
         """image uint8 [H, W, 3], gt uint8 [H, W] {0, 1}, k int64 -> one training example."""
@@ -277,8 +238,7 @@ class CrmAugment:
         rgb = colour_jitter(tf, rgb, seeds[2:6], self.brightness, self.contrast,
                             self.saturation, self.grayscale_p)
         gt_crop = both[..., 3]
-        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k, tf.maximum(h, w)],
-                                   tf.float32, stateful=False)
+        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k], tf.float32, stateful=False)
         coarse = tf.ensure_shape(coarse, [self.crop, self.crop])
         mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
         return {

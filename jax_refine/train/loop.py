@@ -99,15 +99,11 @@ def _crm_model(config: ml_collections.ConfigDict) -> CRM:
 
 def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
     c = config.dataset.coarse
-    synthetic = config.dataset.name == "synthetic"
     return pipeline.CrmAugment(
         seed=config.seed,
         crop=config.crop_size,
-        coarse=pipeline.CoarseSpec(
-            iou_range=tuple(c.iou_range), lowres_prob=c.lowres_prob,
-            lowres_factors=tuple(c.lowres_factors), lowres_min_side=c.lowres_min_side,
-            soft_prob=c.soft_prob, soft_sigma=tuple(c.soft_sigma)),
-        scene_size=TASKS["crm"].synthetic_source(config).scene_size if synthetic else None,
+        coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors),
+                                   c.soft_prob, tuple(c.soft_sigma)),
     )
 
 
@@ -181,8 +177,7 @@ TASKS = {
     "crm": Task(
         model=_crm_model,
         synthetic_source=lambda c: pipeline.SyntheticSource(
-            c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size,
-            window_tries=c.dataset.window_tries),
+            c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size),
         record_kwargs=lambda c: {},
         augment=_crm_augment,
         optimizer=_crm_optimizer,
