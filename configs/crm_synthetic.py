@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.crop_size = 160
     config.query_size = 112
+    config.query_windows = 1
+    config.boundary_windows = 0
     config.total_steps = 1450
     config.learning_rate = 1e-3
     config.lr_boundaries = (0.7, 0.9)

@@ -124,9 +124,10 @@ def run_forced_devices(code: str, devices: int, timeout: int = 600) -> str:
     return proc.stdout
 
 
-def test_query_window_loss_is_the_full_grid_loss_on_that_window():
+@pytest.mark.parametrize("windows, on_boundary", [(1, 0), (3, 2)])
+def test_query_window_loss_is_the_full_grid_loss_on_those_windows(windows, on_boundary):
     """query_size q: the step's loss is the CRM loss of the full-grid logits cut to each
-    example's q x q window (origins drawn from fold_in(fold_in(rng, step), 1))."""
+    example's q x q windows (origins from query_window_origins(fold_in(fold_in(rng, step), 1)))."""
     import jax
     from train_helpers import tiny_config
 
@@ -143,18 +144,46 @@ def test_query_window_loss_is_the_full_grid_loss_on_that_window():
              "mask": jnp.asarray(np.sign(rng.normal(size=(b, c, c, 1))), jnp.float32),
              "gt": jnp.asarray(rng.integers(0, 2, (b, c, c, 1)), jnp.float32)}
     _, metrics = step.crm_train_step(state, batch, model=model, tx=tx, schedule=schedule,
-                                     query_size=q)
+                                     query_size=q, query_windows=windows,
+                                     boundary_windows=on_boundary)
     coord, cell = (jnp.broadcast_to(jnp.asarray(a), (b, *a.shape)) for a in step.crm_queries(c, c))
     logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                             batch["image"], batch["mask"], coord, cell, train=True,
                             mutable=["batch_stats"])
     logits = logits.reshape(b, c, c, 1)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    origins = np.asarray(jax.random.randint(key, (b, 2), 0, jnp.asarray([c - q + 1] * 2)))
-    cut = [(slice(y, y + q), slice(x, x + q)) for y, x in origins]
-    want, _ = losses.crm_loss(jnp.stack([logits[i][w] for i, w in enumerate(cut)]),
-                              jnp.stack([batch["gt"][i][w] for i, w in enumerate(cut)]))
+    origins = np.asarray(step.query_window_origins(key, batch["gt"], (q, q), windows,
+                                                   on_boundary))
+    assert origins.shape == (b, windows, 2)
+    cut = [(i, slice(y, y + q), slice(x, x + q)) for i in range(b) for y, x in origins[i]]
+    want, _ = losses.crm_loss(jnp.stack([logits[w] for w in cut]),
+                              jnp.stack([batch["gt"][w] for w in cut]))
     assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_boundary_windows_are_centred_on_boundary_pixels():
+    """Boundary windows hold a boundary pixel at their centre (away from the crop's edges);
+    an example without any boundary falls back to uniform windows inside the crop."""
+    import jax
+
+    b, c, q = 3, 64, 16
+    gt = np.zeros((b, c, c, 1), np.float32)
+    gt[0, 20:40, 24:50] = 1  # a rectangle
+    gt[1, :, 33] = 1  # a 1-px wire
+    # example 2: no object at all
+    origins = np.asarray(step.query_window_origins(jax.random.key(3), jnp.asarray(gt), (q, q),
+                                                   64, 64))
+    boundary = np.asarray(step.boundary_map(jnp.asarray(gt)))
+    np.testing.assert_array_equal(np.argwhere(boundary[1])[:, 1].min(), 32)
+    np.testing.assert_array_equal(np.argwhere(boundary[1])[:, 1].max(), 34)
+    assert not boundary[2].any()
+    assert (origins >= 0).all() and (origins <= c - q).all()
+    for i in (0, 1):
+        for y, x in origins[i]:
+            cy, cx = y + q // 2, x + q // 2
+            interior = 0 < y < c - q and 0 < x < c - q
+            assert boundary[i, cy, cx] or not interior
+    assert len({tuple(o) for o in origins[2]}) > 32  # spread over the crop, not one place
 
 
 def test_eight_devices_match_one_device():

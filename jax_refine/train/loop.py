@@ -115,9 +115,11 @@ def _crm_optimizer(config: ml_collections.ConfigDict):
 
 
 def _crm_train_step(config, model, tx, schedule):
-    # config.query_size (optional; crm_synthetic): decoder queries per example, see step.py.
+    # Optional (crm_synthetic): the decoder's query windows per example, see step.py.
     return functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule,
-                             query_size=config.get("query_size"))
+                             query_size=config.get("query_size"),
+                             query_windows=config.get("query_windows", 1),
+                             boundary_windows=config.get("boundary_windows", 0))
 
 
 def _crm_export(config, directory, model, variables) -> None:
