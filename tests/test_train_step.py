@@ -161,6 +161,28 @@ def test_query_window_loss_is_the_full_grid_loss_on_those_windows(windows, on_bo
     assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-5)
 
 
+def test_query_window_options_are_checked():
+    """Several windows without a window size, or more boundary windows than windows, fail
+    with the option's name before anything is traced."""
+    import jax
+    from train_helpers import tiny_config
+
+    from jax_refine.train import loop
+    from jax_refine.train.state import create_state
+
+    model = loop.build_model(tiny_config())
+    tx, schedule = optim.crm_optimizer(1e-3, 10)
+    state = create_state(model, tx, jax.random.key(0), example=step.example_inputs(1, 16))
+    batch = {"image": jnp.zeros((1, 16, 16, 3)), "mask": jnp.zeros((1, 16, 16, 1)),
+             "gt": jnp.zeros((1, 16, 16, 1))}
+    kwargs = dict(model=model, tx=tx, schedule=schedule)
+    with pytest.raises(ValueError, match="query_windows=4 needs a query_size"):
+        step.crm_train_step(state, batch, query_windows=4, **kwargs)
+    with pytest.raises(ValueError, match="boundary_windows <= query_windows"):
+        step.crm_train_step(state, batch, query_size=8, query_windows=2, boundary_windows=3,
+                            **kwargs)
+
+
 def test_boundary_windows_are_centred_on_boundary_pixels():
     """Boundary windows hold a boundary pixel at their centre (away from the crop's edges);
     an example without any boundary falls back to uniform windows inside the crop."""

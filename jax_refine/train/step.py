@@ -139,6 +139,9 @@ def crm_train_step(
     if not 0 <= boundary_windows <= query_windows:
         raise ValueError(f"need 0 <= boundary_windows <= query_windows, got {boundary_windows} "
                          f"and {query_windows}")
+    if (qh, qw) == (h, w) and query_windows != 1:
+        raise ValueError(f"query_windows={query_windows} needs a query_size smaller than the "
+                         f"{h}x{w} crop, got {query_size}")
     if (qh, qw) == (h, w):
         k = 1
         coord = jnp.broadcast_to(jnp.asarray(coord_np), (b, *coord_np.shape))
