@@ -78,7 +78,9 @@ def update(
 
 def boundary_map(gt: jax.Array) -> jax.Array:
     """bool [B, H, W]: pixels of `gt` [B, H, W, 1] whose 3x3 neighbourhood holds both labels
-    (gt > 0.5 and not): both sides of every object boundary, and all of a 1-px wire."""
+    (gt > 0.5 and not): both sides of every object boundary, and all of a 1-px wire. (A 3x3
+    square morphological gradient, in jnp for the jitted step; mBA's host-side regions are
+    `metrics._morphological_gradient` with OpenCV's elliptical disks.)"""
     hard = (gt[..., 0] > 0.5).astype(jnp.float32)
     pool = functools.partial(jax.lax.reduce_window, window_dimensions=(1, 3, 3),
                              window_strides=(1, 1, 1), padding="SAME")
@@ -139,10 +141,11 @@ def crm_train_step(
     if not 0 <= boundary_windows <= query_windows:
         raise ValueError(f"need 0 <= boundary_windows <= query_windows, got {boundary_windows} "
                          f"and {query_windows}")
-    if (qh, qw) == (h, w) and query_windows != 1:
+    full_crop = (qh, qw) == (h, w)
+    if full_crop and query_windows != 1:
         raise ValueError(f"query_windows={query_windows} needs a query_size smaller than the "
                          f"{h}x{w} crop, got {query_size}")
-    if (qh, qw) == (h, w):
+    if full_crop:
         k = 1
         coord = jnp.broadcast_to(jnp.asarray(coord_np), (b, *coord_np.shape))
         gt = gt[:, None]
