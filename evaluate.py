@@ -2,9 +2,10 @@
 
 CRM (config.task 'crm', the default): uses DIR/refiner (or `--checkpoint` of the Refiner
 format); data from config.eval (a BIG folder, or held-out synthetic scenes); IoU and mBA of
-the coarse and refined masks. PNA (config.task 'pna'): uses DIR/pna (or `--checkpoint`);
-per-stage mIoU P0..P4 on config.eval's semantic_folder split or held-out synthetic scenes.
-Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints a markdown table.
+the coarse and refined masks, and of the mask after each scale of the schedule. PNA
+(config.task 'pna'): uses DIR/pna (or `--checkpoint`); per-stage mIoU P0..P4 on
+config.eval's semantic_folder split or held-out synthetic scenes.
+Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints markdown tables.
 """
 
 from pathlib import Path
@@ -44,6 +45,7 @@ def main(argv):
             num_pngs=e.num_pngs, synthetic_size=e.get("synthetic_size", 2048),
         )
         print(crm_eval.markdown_table(results))
+        print(crm_eval.steps_table(results))
     for r in results.values():
         for png in r["pngs"]:
             print(png)

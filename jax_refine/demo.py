@@ -4,12 +4,13 @@ Run as `python -m jax_refine.demo [--workdir demo_out/crm_synthetic] [--config.K
 Trains `configs/crm_synthetic.py` on 160-px crops (resuming if the workdir already has
 checkpoints), exports the Refiner checkpoint, then evaluates it with the multi-resolution
 Refiner on held-out 2048 x 2048 scenes with coarse masks from `perturb_mask` (made at 512 px
-and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`, printing IoU /
-mBA of the coarse and refined masks and the paths of side-by-side PNGs
-(image | coarse | refined | GT). The reference's four-scale schedule is reported first, then
-`config.eval.extra_schedules` (crm_synthetic: 0.5 + 1.0, because at scale 0.125 a 2048-px
-image is decoded from a 132-px latent, no finer than the smooth low-resolution coarse masks,
-and that step costs them accuracy the later scales do not fully recover).
+and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`. It prints
+IoU / mBA of the coarse and refined masks, the IoU / mBA after each step of each schedule,
+and the paths of side-by-side PNGs (image | coarse | refined | GT). The reference's
+four-scale schedule is reported first, then `config.eval.extra_schedules` (crm_synthetic:
+0.5 + 1.0, because at scale 0.125 a 2048-px image is decoded from a 132-px latent, no finer
+than the smooth low-resolution coarse masks, and that step costs them accuracy the later
+scales do not fully recover).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_refine.train.evaluate import evaluate, markdown_table
+from jax_refine.train.evaluate import evaluate, markdown_table, steps_table
 from jax_refine.train.loop import train_and_evaluate
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "crm_synthetic.py"
@@ -51,6 +52,7 @@ def main(argv: list[str]) -> None:
         print(f"metrics: {out / 'metrics.json'}")
     print(f"evaluation: {time.perf_counter() - trained:.0f} s")
     print(markdown_table(results))
+    print(steps_table(results))
     for r in results.values():
         for png in r["pngs"]:
             print(f"preview: {png}")

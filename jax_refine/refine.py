@@ -250,15 +250,19 @@ class Refiner:
             float [H, W] in [0, 1].
           scales: the multi-resolution schedule (one entry = single forward).
         """
-        rgb = image_to_rgb(image)
-        unit = mask_to_unit(mask)
-        if rgb.shape[:2] != unit.shape:
-            raise ValueError(f"image size {rgb.shape[:2]} and mask size {unit.shape} differ")
-        scales = tuple(float(s) for s in scales)
-        if not scales or any(not s > 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty sequence of positive numbers, "
-                             f"got {scales}")
-        return self._refine(self._prepare_image(rgb), unit, scales)
+        rgb, unit, scales = self._checked(image, mask, scales)
+        return self._refine(self._prepare_image(rgb), unit, scales)[-1]
+
+    def refine_steps(
+        self, image: Any, mask: Any, scales: Sequence[float] = DEFAULT_SCALES
+    ) -> list[np.ndarray]:
+        """The probability after each scale of the schedule, float32 [H, W] per scale.
+
+        Same arguments as `refine`, whose output is the last entry; the earlier ones show
+        what each step of the cascade did (`jax_refine.train.evaluate` scores them).
+        """
+        rgb, unit, scales = self._checked(image, mask, scales)
+        return self._refine(self._prepare_image(rgb), unit, scales, keep_steps=True)
 
     def refine_labels(
         self, image: Any, label_map: Any, scales: Sequence[float] = DEFAULT_SCALES
@@ -281,12 +285,27 @@ class Refiner:
             return label_map.copy()
         prepared = self._prepare_image(rgb)
         probs = np.stack([
-            self._refine(prepared, (label_map == c).astype(np.float32), tuple(scales))
+            self._refine(prepared, (label_map == c).astype(np.float32), tuple(scales))[-1]
             for c in classes
         ])
         return classes[np.argmax(probs, axis=0)].astype(label_map.dtype)
 
     # -- internals --
+
+    @staticmethod
+    def _checked(
+        image: Any, mask: Any, scales: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        """(uint8 RGB, float [H, W] mask in [0, 1], scales) after validating the inputs."""
+        rgb = image_to_rgb(image)
+        unit = mask_to_unit(mask)
+        if rgb.shape[:2] != unit.shape:
+            raise ValueError(f"image size {rgb.shape[:2]} and mask size {unit.shape} differ")
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not s > 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of positive numbers, "
+                             f"got {scales}")
+        return rgb, unit, scales
 
     def _prepare_image(self, rgb: np.ndarray) -> tuple[Any, tuple[int, int]]:
         padded = np.pad(normalise_image(rgb), ((PAD, PAD), (PAD, PAD), (0, 0)), mode="reflect")
@@ -299,10 +318,14 @@ class Refiner:
         out[0, :hp, :wp] = array
         return jnp.asarray(out)
 
-    def _refine(self, prepared, unit_mask: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
+    def _refine(
+        self, prepared, unit_mask: np.ndarray, scales: tuple[float, ...], keep_steps: bool = False
+    ) -> list[np.ndarray]:
+        """Probabilities [H, W] after every scale if keep_steps, else after the last only."""
         image_dev, (hp, wp) = prepared
         seg = np.pad((unit_mask - np.float32(0.5)) / np.float32(0.5), PAD, mode="reflect")
         prob = np.zeros((hp, wp), np.float32)
+        steps = []
         for s in scales:
             size = (round(hp * s), round(wp * s))
             if min(size) < 1:
@@ -312,7 +335,9 @@ class Refiner:
             else:
                 prob = self._forward(image_dev, self._to_device(seg[:, :, None]), (hp, wp), size)
             seg = (prob - np.float32(0.5)) * np.float32(2)
-        return prob[PAD:-PAD, PAD:-PAD]
+            if keep_steps:
+                steps.append(prob[PAD:-PAD, PAD:-PAD])
+        return steps if keep_steps else [prob[PAD:-PAD, PAD:-PAD]]
 
     def _forward(self, image_dev, mask_dev, full: tuple[int, int], size: tuple[int, int]):
         """Probabilities [hp, wp] of one scale: encode at `size`, query every pixel."""

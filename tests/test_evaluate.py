@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,14 +49,23 @@ def _big_folder(path, rng):
 
 
 class _Identity:
-    """A stand-in Refiner that returns the coarse mask (probability 1 / 0)."""
+    """A stand-in Refiner whose every step returns the coarse mask (probability 1 / 0)."""
 
     def __init__(self):
         self.calls = 0
 
-    def refine(self, image, mask, scales):
+    def refine_steps(self, image, mask, scales):
         self.calls += 1
-        return mask.astype(np.float32)
+        return [mask.astype(np.float32)] * len(scales)
+
+
+class _Growing:
+    """A stand-in Refiner whose step k returns the coarse mask dilated by k pixels."""
+
+    def refine_steps(self, image, mask, scales):
+        kernel = np.ones((3, 3), np.uint8)
+        return [cv2.dilate(mask.astype(np.uint8), kernel, iterations=k).astype(np.float32)
+                for k in range(len(scales))]
 
 
 def test_metrics_are_dataset_iou_and_mean_mba(tmp_path):
@@ -72,11 +82,33 @@ def test_metrics_are_dataset_iou_and_mean_mba(tmp_path):
     mba = np.nanmean([metrics.boundary_accuracy(s.coarse, s.gt) for s in samples])
     assert result["coarse"]["mba"] == pytest.approx(mba)
     assert result["refined"] == result["coarse"]
+    assert result["steps"] == [{"scale": 1.0, **result["coarse"]}]
     assert result["num_images"] == 2 and len(result["pngs"]) == 1
     png = np.asarray(Image.open(result["pngs"][0]))
     assert png.shape == (512, 4 * round(48 * 512 / 40), 3)  # image | coarse | refined | GT
     table = ev.markdown_table({"big": result})
     assert table.splitlines()[0].startswith("| set |") and "| big | 2 |" in table
+
+
+def test_every_step_of_the_schedule_is_scored(tmp_path):
+    rng = np.random.default_rng(0)
+    _big_folder(tmp_path / "big", rng)
+    samples = list(ev.big_folder(tmp_path / "big"))
+    scales = (0.25, 0.5, 1.0)
+    result = ev.evaluate_samples(_Growing(), iter(samples), scales)
+    assert [step["scale"] for step in result["steps"]] == list(scales)
+    for k, step in enumerate(result["steps"]):
+        preds = [cv2.dilate(s.coarse, np.ones((3, 3), np.uint8), iterations=k)
+                 if s.name == "a" else s.coarse for s in samples]  # 'b' is passed through
+        pairs = list(zip(preds, [s.gt for s in samples], strict=True))
+        inter, union = np.sum([metrics.intersection_union(p, gt) for p, gt in pairs], axis=0)
+        assert step["iou"] == pytest.approx(inter / union)
+        mba = np.nanmean([metrics.boundary_accuracy(p, gt) for p, gt in pairs])
+        assert step["mba"] == pytest.approx(mba)
+    assert result["refined"] == {k: v for k, v in result["steps"][-1].items() if k != "scale"}
+    assert result["steps"][0]["iou"] != result["steps"][2]["iou"]
+    rows = ev.steps_table({"big": result}).splitlines()
+    assert rows[0] == "| set | after scale | IoU | mBA |" and rows[3].startswith("| big | 0.5 |")
 
 
 def test_big_folder_errors(tmp_path):

@@ -46,6 +46,18 @@ def test_output_shape_dtype_and_range(refiner):
     assert np.all((prob >= 0) & (prob <= 1))
 
 
+def test_refine_steps_are_the_schedule_prefixes(refiner):
+    image, mask = scene(37, 53, seed=2)
+    scales = (0.25, 0.5, 1.0)
+    steps = refiner.refine_steps(image, mask, scales)
+    assert len(steps) == 3 and all(p.shape == (37, 53) for p in steps)
+    for k, prob in enumerate(steps):  # step k is the cascade stopped after scales[k]
+        np.testing.assert_array_equal(prob, refiner.refine(image, mask, scales[: k + 1]))
+    assert not np.array_equal(steps[0], steps[-1])
+    with pytest.raises(ValueError, match="scales must be"):
+        refiner.refine_steps(image, mask, ())
+
+
 def test_image_forms_are_equivalent(refiner):
     image, mask = scene(37, 53, seed=1)
     gray = image[..., 0]

@@ -101,34 +101,42 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Score coarse and refined masks of `samples`; optionally write side-by-side PNGs.
 
-    Returns {'num_images', 'coarse': {'iou', 'mba'}, 'refined': {...}, 'pngs': [...]}.
+    Every step of the schedule is scored too: 'steps' holds the IoU / mBA of the mask after
+    each scale (p > 0.5 of `Refiner.refine_steps`; the last is 'refined'), which shows what
+    each step of the cascade adds or costs. A passed-through sample counts as its coarse mask
+    at every step.
+    Returns {'num_images', 'coarse': {'iou', 'mba'}, 'refined': {...},
+    'steps': [{'scale', 'iou', 'mba'}, ...], 'pngs': [...]}.
     """
-    sums = {k: np.zeros(2, np.int64) for k in ("coarse", "refined")}
-    mbas: dict[str, list[float]] = {"coarse": [], "refined": []}
+    scales = tuple(scales)
+    keys = ("coarse", *[f"step{k}" for k in range(len(scales))])
+    sums = {k: np.zeros(2, np.int64) for k in keys}
+    mbas: dict[str, list[float]] = {k: [] for k in keys}
     pngs, count = [], 0
     for sample in samples:
         if int(sample.coarse.astype(np.int64).sum()) * 255 < PASS_THROUGH_SUM:
-            refined = sample.coarse.copy()
+            steps = [sample.coarse.copy()] * len(scales)
         else:
-            prob = refiner.refine(sample.image, sample.coarse.astype(bool), tuple(scales))
-            refined = (prob > 0.5).astype(np.uint8)
-        for key, pred in (("coarse", sample.coarse), ("refined", refined)):
+            probs = refiner.refine_steps(sample.image, sample.coarse.astype(bool), scales)
+            steps = [(prob > 0.5).astype(np.uint8) for prob in probs]
+        for key, pred in zip(keys, (sample.coarse, *steps), strict=True):
             sums[key] += metrics.intersection_union(pred, sample.gt)
             mbas[key].append(metrics.boundary_accuracy(pred, sample.gt))
         if out_dir is not None and len(pngs) < num_pngs:
-            pngs.append(str(_side_by_side(Path(out_dir), sample, refined)))
+            pngs.append(str(_side_by_side(Path(out_dir), sample, steps[-1])))
         count += 1
     if count == 0:
         raise ValueError("no evaluation samples")
-    result: dict[str, Any] = {"num_images": count, "pngs": pngs}
-    for key in ("coarse", "refined"):
+
+    def scores(key: str) -> dict[str, float]:
         inter, union = sums[key]
-        result[key] = {
-            "iou": float(inter / union) if union else 1.0,
-            "mba": float(np.nanmean(mbas[key])) if not np.all(np.isnan(mbas[key])) else
-            float("nan"),
-        }
-    return result
+        mba = mbas[key]
+        return {"iou": float(inter / union) if union else 1.0,
+                "mba": float("nan") if np.all(np.isnan(mba)) else float(np.nanmean(mba))}
+
+    return {"num_images": count, "pngs": pngs, "coarse": scores("coarse"),
+            "refined": scores(keys[-1]),
+            "steps": [{"scale": s, **scores(k)} for s, k in zip(scales, keys[1:], strict=True)]}
 
 
 def _side_by_side(out_dir: Path, sample: Sample, refined: np.ndarray, side: int = 512) -> Path:
@@ -155,6 +163,16 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             f"{100 * r['refined']['iou']:.2f} | {100 * r['coarse']['mba']:.2f} | "
             f"{100 * r['refined']['mba']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def steps_table(results: dict[str, dict[str, Any]]) -> str:
+    """| set | after scale | IoU | mBA | (percent): the mask after each step of the cascade."""
+    lines = ["| set | after scale | IoU | mBA |", "|---|---|---|---|"]
+    for name, r in results.items():
+        for step in r["steps"]:
+            lines.append(f"| {name} | {step['scale']:g} | {100 * step['iou']:.2f} | "
+                         f"{100 * step['mba']:.2f} |")
     return "\n".join(lines)
 
 
