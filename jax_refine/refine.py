@@ -259,7 +259,8 @@ class Refiner:
         """The probability after each scale of the schedule, float32 [H, W] per scale.
 
         Same arguments as `refine`, whose output is the last entry; the earlier ones show
-        what each step of the cascade did (`jax_refine.train.evaluate` scores them).
+        what each step of the cascade did (`jax_refine.train.evaluate` scores them). Holds
+        one float32 [H, W] per scale (4 x 96 MB at 6000 x 4000); `refine` keeps only one.
         """
         rgb, unit, scales = self._checked(image, mask, scales)
         return self._refine(self._prepare_image(rgb), unit, scales, keep_steps=True)
