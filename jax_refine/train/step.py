@@ -101,6 +101,8 @@ def query_window_origins(
     uniform_key, boundary_key = jax.random.split(key)
     limit = jnp.asarray([h - qh, w - qw])
     uniform = jax.random.randint(uniform_key, (b, windows - on_boundary, 2), 0, limit + 1)
+    if on_boundary == 0:  # no boundary map to build
+        return uniform.astype(jnp.int32)
     # exp(-30) * H * W is negligible: boundary pixels only, unless there are none.
     logits = jnp.where(boundary_map(gt), 0.0, -30.0).reshape(b, h * w)
     flat = jax.random.categorical(boundary_key, logits, shape=(on_boundary, b)).T
