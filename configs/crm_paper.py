@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.builder_kwargs = ml_collections.ConfigDict(dict(folders=""))
     config.dataset.min_size = 0  # synthetic only: scene side range
     config.dataset.max_size = 0
+    config.dataset.subset_prob = 0.0  # synthetic only: share of targets that are object subsets
     # Training coarse masks: perturb_mask with target IoU ~ U[iou_range) (paper), or with
     # probability lowres_prob coarse_from_lowres with a factor ~ U[lowres_factors]; then with
     # probability soft_prob a Gaussian blur of sigma ~ U[soft_sigma] px (see CoarseSpec).

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jax_refine.data import pipeline
+from jax_refine.data.pipeline import TRAIN_SCENE_SEED_OFFSET
+from jax_refine.data.synthetic import WIRE_ID, make_scene
 
 CROP = 32
 
@@ -178,6 +180,29 @@ def test_synthetic_source_window_is_a_crop_of_the_same_scene():
         assert min(diffs) <= 13  # only the sensor noise differs
         corners.add(matches[int(np.argmin(diffs))])
     assert len(corners) > 1
+
+
+def test_synthetic_source_object_subsets():
+    """subset_prob=1 keeps a random subset of the objects whole, and every wire."""
+    everything = pipeline.SyntheticSource(3, 160, 200)
+    subsets = pipeline.SyntheticSource(3, 160, 200, subset_prob=1.0)
+    dropped = 0
+    for k in range(8):
+        image, label = subsets(k)
+        full_image, full_label = everything(k)
+        np.testing.assert_array_equal(image, full_image)
+        assert not np.any(label & ~full_label)
+        # Every object is either all in or all out of the target (the source's draws: side,
+        # then scene seed).
+        rng = np.random.default_rng([3, k, 1])
+        size = min(int(np.exp(rng.uniform(np.log(160), np.log(201)))), 200)
+        scene = TRAIN_SCENE_SEED_OFFSET + int(rng.integers(2**30))
+        _, objects = make_scene(scene, size, size, instances=True)
+        for i in np.unique(objects[objects > 0]):
+            assert len(np.unique(label[objects == i])) == 1
+        assert np.all(label[objects == WIRE_ID] == 1)
+        dropped += int(label.sum() < full_label.sum())
+    assert dropped >= 3
 
 
 def test_synthetic_source_window_not_larger_than_the_scene():

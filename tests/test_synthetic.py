@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jax_refine import metrics
-from jax_refine.data.synthetic import make_scene
+from jax_refine.data.synthetic import WIRE_ID, make_scene
 
 
 def test_shapes_dtypes_and_binary_labels():
@@ -22,6 +22,20 @@ def test_deterministic_per_seed_and_seeds_differ():
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert metrics.iou(a[1], c[1]) < 0.9
+
+
+def test_instance_map_splits_the_label_into_objects():
+    """Object ids cover exactly the foreground, one id per object or wire, ids 1..K."""
+    image, label = make_scene(4, 300, 300)
+    image_i, objects = make_scene(4, 300, 300, instances=True)
+    np.testing.assert_array_equal(image_i, image)
+    np.testing.assert_array_equal(objects > 0, label > 0)
+    ids = np.unique(objects[(objects > 0) & (objects != WIRE_ID)])
+    assert len(ids) >= 2 and list(ids) == list(range(1, ids[-1] + 1))
+    wires = objects == WIRE_ID
+    assert 0 < wires.mean() < 0.05  # thin curves, not filled shapes
+    _, window = make_scene(4, 300, 300, window=(100, 50, 64, 80), instances=True)
+    np.testing.assert_array_equal(window, objects[100:164, 50:130])
 
 
 def test_resolution_independent_geometry():

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
-from jax_refine.data.synthetic import make_scene
+from jax_refine.data.synthetic import WIRE_ID, make_scene
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +69,11 @@ class SyntheticSource:
         window x window crop of it, at a position drawn uniformly from (seed, k), is rendered
         (`make_scene(window=...)`: the crop's exact label, its image with its own sensor
         noise). With window = the augment's crop, the augment's random crop is a no-op.
+      subset_prob: probability that the target is a random subset of the scene's objects
+        (each kept with probability 1/2, stems and hairs with their object; wires always
+        kept) instead of all of them. Objects differ from the background in appearance
+        (saturation), so a model trained on all-object targets can find them from the image
+        alone; with unchosen objects in the background, only the mask says which is wanted.
     Returns (image uint8 [s, s, 3], label uint8 [s, s] {0, 1}), s = window if the scene is
     larger, else the scene's side.
     """
@@ -77,6 +82,7 @@ class SyntheticSource:
     min_size: int = 448
     max_size: int = 1024
     window: int = 0
+    subset_prob: float = 0.0
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, k, 1])
@@ -87,8 +93,12 @@ class SyntheticSource:
         if 0 < self.window < size:
             top, left = (int(v) for v in rng.integers(size - self.window + 1, size=2))
             window = (top, left, self.window, self.window)
-        image, label = make_scene(scene, size, size, window=window)
-        return image, (label > 0).astype(np.uint8)
+        image, objects = make_scene(scene, size, size, window=window, instances=True)
+        chosen = np.ones(256, bool)
+        if rng.random() < self.subset_prob:
+            chosen = rng.random(256) < 0.5
+        chosen[0], chosen[WIRE_ID] = False, True
+        return image, chosen[objects].astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ segmentation is learnable; the background stays label 0.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import cv2
@@ -38,6 +39,7 @@ _TEXTURE_GRIDS = (6, 24, 96)  # Noise-field grid sizes: coarse, medium and fine 
 # Camera blur: cv2's 5-tap kernel (sigma <= 0.7) reaches 2 px; a window is painted this much
 # larger (within the scene) so that its blurred pixels equal the full render's.
 _BLUR_MARGIN = 3
+WIRE_ID = 255  # the wires' id in `make_scene(instances=True)` maps
 
 
 @dataclass
@@ -48,6 +50,7 @@ class _Region:
     colour: np.ndarray  # RGB base colour in [0, 255].
     texture: np.ndarray  # Weight of each texture field, [len(_TEXTURE_GRIDS)].
     tint: np.ndarray  # RGB direction the texture moves the colour in, amplitude in [0, 255].
+    wire: bool = False  # a wire across the scene (not an object's stem or hair)
 
 
 @dataclass
@@ -68,6 +71,7 @@ def make_scene(
     num_classes: int = 1,
     *,
     window: tuple[int, int, int, int] | None = None,
+    instances: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render scene `seed` at `height` x `width`, or only the `window` of that render.
 
@@ -82,10 +86,13 @@ def make_scene(
         distribution, other values), and for the float rounding of the smooth texture and
         illumination fields (a pixel may round one level differently).
         None renders the whole scene.
+      instances: return the object map instead of the class map: 0 where the label is 0,
+        k >= 1 on the k-th object in painting order (its stems and hairs included), WIRE_ID
+        on the wires. Its nonzero pixels are exactly the class map's.
 
     Returns:
       image: uint8 [h, w, 3] RGB ([height, width, 3] without a window).
-      label: uint8 [h, w], values in {0, ..., num_classes}.
+      label: uint8 [h, w], values in {0, ..., num_classes} (object ids with `instances`).
     """
     if height < 8 or width < 8:
         raise ValueError(f"scene size must be at least 8x8, got {height}x{width}")
@@ -111,7 +118,12 @@ def make_scene(
         slice(top - area_top, top - area_top + h),
         slice(left - area_left, left - area_left + w),
     )
-    label = np.array([r.label for r in regions], np.uint8)[region_map[inner]]
+    labels = np.array([r.label for r in regions], np.uint8)
+    if instances:
+        is_object = (labels > 0) & ~np.array([r.wire for r in regions])
+        labels = np.where(is_object, np.cumsum(is_object), np.where(labels > 0, WIRE_ID, 0))
+        labels = labels.astype(np.uint8)
+    label = labels[region_map[inner]]
     noise = rng.integers(-6, 7, size=(h, w, 3), dtype=np.int8)
     return cv2.add(image[inner], noise, dtype=cv2.CV_8U), label
 
@@ -209,7 +221,7 @@ def _compose(rng: np.random.Generator, num_classes: int) -> tuple[list[_Region],
     # Wires: long thin curves across the scene, each an object of its own.
     for _ in range(int(rng.integers(1, 4))):
         appearance = _class_appearance(int(rng.integers(1, num_classes + 1)), num_classes, rng)
-        regions.append(appearance)
+        regions.append(dataclasses.replace(appearance, wire=True))
         start = rng.uniform(0, 1, size=2)
         angle = rng.uniform(0, 2 * np.pi)
         shapes.append(

@@ -179,7 +179,8 @@ TASKS = {
     "crm": Task(
         model=_crm_model,
         synthetic_source=lambda c: pipeline.SyntheticSource(
-            c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size),
+            c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size,
+            subset_prob=c.dataset.subset_prob),
         record_kwargs=lambda c: {},
         augment=_crm_augment,
         optimizer=_crm_optimizer,
