@@ -273,6 +273,7 @@ class Refiner:
         Returns a label map of the same shape and dtype; ties go to the smaller class id.
         """
         rgb = image_to_rgb(image)
+        scales = self._checked_scales(scales)
         if not isinstance(label_map, np.ndarray) or label_map.ndim != 2 or not (
             np.issubdtype(label_map.dtype, np.integer)
         ):
@@ -286,7 +287,7 @@ class Refiner:
             return label_map.copy()
         prepared = self._prepare_image(rgb)
         probs = np.stack([
-            self._refine(prepared, (label_map == c).astype(np.float32), tuple(scales))[-1]
+            self._refine(prepared, (label_map == c).astype(np.float32), scales)[-1]
             for c in classes
         ])
         return classes[np.argmax(probs, axis=0)].astype(label_map.dtype)
@@ -302,11 +303,15 @@ class Refiner:
         unit = mask_to_unit(mask)
         if rgb.shape[:2] != unit.shape:
             raise ValueError(f"image size {rgb.shape[:2]} and mask size {unit.shape} differ")
+        return rgb, unit, Refiner._checked_scales(scales)
+
+    @staticmethod
+    def _checked_scales(scales: Sequence[float]) -> tuple[float, ...]:
         scales = tuple(float(s) for s in scales)
         if not scales or any(not s > 0 for s in scales):
             raise ValueError(f"scales must be a non-empty sequence of positive numbers, "
                              f"got {scales}")
-        return rgb, unit, scales
+        return scales
 
     def _prepare_image(self, rgb: np.ndarray) -> tuple[Any, tuple[int, int]]:
         padded = np.pad(normalise_image(rgb), ((PAD, PAD), (PAD, PAD), (0, 0)), mode="reflect")

@@ -155,6 +155,9 @@ def test_refine_labels(refiner):
     np.testing.assert_array_equal(refiner.refine_labels(image, np.full((37, 53), 2)), 2)
     with pytest.raises(ValueError, match="integer"):
         refiner.refine_labels(image, labels.astype(np.float32))
+    for scales in ((), (0.5, -1.0)):  # checked up front, even for a one-class map
+        with pytest.raises(ValueError, match="scales must be"):
+            refiner.refine_labels(image, np.full((37, 53), 2), scales)
 
 
 @pytest.fixture(scope="module")
