@@ -7,10 +7,8 @@ Refiner on held-out 2048 x 2048 scenes with coarse masks from `perturb_mask` (ma
 and upsampled, see `jax_refine.train.evaluate`) and from `coarse_from_lowres`. It prints
 IoU / mBA of the coarse and refined masks, the IoU / mBA after each step of each schedule,
 and the paths of side-by-side PNGs (image | coarse | refined | GT). The reference's
-four-scale schedule is reported first, then `config.eval.extra_schedules` (crm_synthetic:
-0.5 + 1.0, because at scale 0.125 a 2048-px image is decoded from a 132-px latent, no finer
-than the smooth low-resolution coarse masks, and that step costs them accuracy the later
-scales do not fully recover).
+four-scale schedule is reported first, then any `config.eval.extra_schedules`
+(crm_synthetic: none; e.g. `--config.eval.extra_schedules='((0.5, 1.0),)'`).
 """
 
 from __future__ import annotations
