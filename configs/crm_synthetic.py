@@ -42,9 +42,9 @@ Deviations from the paper recipe (configs/crm_paper.py), all for CPU budget or t
   nearly the same mask from the true mask as from a factor-4 low-res one); with subsets only
   the mask says which object is wanted. On 10 held-out scenes (4 scales, refined IoU / mBA,
   perturb then lowres) 0.25 gave 95.5 / 85.5 and 97.5 / 86.3 against 96.8 / 87.3 and
-  96.9 / 86.9 without; 0.5 gave 97.2 / 83.6 and 97.9 / 84.3 (fewer false blobs, less
-  boundary sharpening), 0.5 with 12 of the 16 decoder windows on the boundary 95.7 / 84.4
-  and 97.0 / 85.8. On the 256-px render the 0.25 model still erodes the same objects.
+  96.9 / 86.9 without; 0.5 gave 97.2 / 83.6 and 97.9 / 84.3 (more IoU, less mBA), 0.5
+  with 12 of the 16 decoder windows on the boundary 95.7 / 84.4 and 97.0 / 85.8. On the
+  256-px render the 0.25 model still erodes the same objects.
 """
 
 from pathlib import Path
