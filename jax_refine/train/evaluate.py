@@ -115,7 +115,7 @@ def evaluate_samples(
     pngs, count = [], 0
     for sample in samples:
         if int(sample.coarse.astype(np.int64).sum()) * 255 < PASS_THROUGH_SUM:
-            steps = [sample.coarse.copy()] * len(scales)
+            steps = [sample.coarse] * len(scales)
         else:
             probs = refiner.refine_steps(sample.image, sample.coarse.astype(bool), scales)
             steps = [(prob > 0.5).astype(np.uint8) for prob in probs]
