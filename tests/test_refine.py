@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_refine import refine as refine_mod
+from jax_refine import cli as refine_mod
 from jax_refine.models.crm import CRM
 from jax_refine.refine import Refiner, save_checkpoint
 

@@ -44,7 +44,8 @@ class Sample:
 
 def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
     """Samples of a BIG-layout folder (name_im.*, name_gt.*, name_seg.*)."""
-    from jax_refine.refine import image_to_rgb, read_image, read_mask
+    from jax_refine.cli import read_image, read_mask
+    from jax_refine.refine import image_to_rgb
 
     folder = Path(folder)
     images = sorted(folder.glob("*_im.*"))
