@@ -44,7 +44,6 @@ crm`, and later by training):
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
