@@ -44,6 +44,8 @@ crm`, and later by training):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -53,6 +55,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_refine.models import checkpoint_dir
 from jax_refine.models.crm import CRM, grid_tables
@@ -165,25 +169,75 @@ def normalise_image(rgb: np.ndarray) -> np.ndarray:
     return (rgb.astype(np.float32) / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def _round_up(n: int, bucket: int | None) -> int:
-    return n if bucket is None else max(bucket, math.ceil(n / bucket) * bucket)
+# ----------------------------------------------------------------------------- shapes
+
+# Loop shapes by backend (module docstring, "Backends"): XLA:CPU decodes one image row per
+# loop step (the 32-wide MLP's intermediates stay in cache) and fuses 32 latent rows per
+# band; GPUs and TPUs decode ~2^20 queries per step and fuse 256 rows per band.
+CPU_BAND_ROWS = 32
+ACCELERATOR_BAND_ROWS = 256
+ACCELERATOR_DECODE_QUERIES = 1 << 20
+# Pixels of bucketed image per device in one batch of `refine_batch` (None: by backend).
+CPU_BATCH_PIXELS = 1 << 22
+ACCELERATOR_BATCH_PIXELS = 1 << 25
+PRECISIONS = ("default", "high", "highest")
+
+
+def bucket_side(n: int, bucket: int | str | None) -> int:
+    """The array side that holds a true side `n`.
+
+    bucket: None (n itself: one program per size), an int (the next multiple of it), or
+    "ladder" (multiples of 64 up to 1024, then 8 sides per octave: 1152, 1280, ..., 2048,
+    2304, ...; at most 12.5% filler per side, so a folder of 2K-6K photos needs few programs).
+    """
+    if bucket is None:
+        return n
+    step = max(64, 1 << (max(n - 1, 1).bit_length() - 4)) if bucket == "ladder" else bucket
+    return max(step, -(-n // step) * step)
+
+
+def decode_block_rows(height: int, width: int) -> int:
+    """Image rows per decoder step on accelerators for a [height, width] query grid."""
+    return max(1, min(height, ACCELERATOR_DECODE_QUERIES // width))
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Turn on JAX's persistent compilation cache in `directory` (created if missing).
+
+    Every program is cached, however fast it compiled, so a second process that refines
+    images of the same shape buckets loads its programs instead of compiling them.
+    """
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _reflect_index(length: int, n: Any, pad: int) -> Any:
+    """Source index of positions 0..length-1 of `np.pad(x, pad, mode='reflect')` for an axis of
+    n samples (n traced; positions past n + 2 * pad are filler and stay in range)."""
+    period = jnp.maximum(2 * (n - 1), 1)
+    k = jnp.abs(jnp.arange(length) - pad) % period
+    return jnp.clip(jnp.where(k >= n, period - k, k), 0, n - 1)
 
 
 # ----------------------------------------------------------------------------- refiner
 
 
 class Refiner:
-    """CRM refinement of a coarse mask at any resolution.
+    """CRM refinement of a coarse mask at any resolution, on the device end to end.
 
     Attributes:
-      model: a `CRM` module.
-      variables: its {'params', 'batch_stats'}.
-      bucket: array sides are rounded up to a multiple of this (None: exact shapes, one
-        compilation per size). Results do not depend on it.
-      chunk_queries: about this many queries are decoded per call (whole rows; the call's
-        memory is its output, since rows are decoded one at a time inside it).
-      band_rows: latent rows fused per step of the encoder's banded fusion (bounds memory).
-      trace_count: how many times the jitted encoder/decoder were traced (compilations).
+      model: the `CRM` module, with `dtype` set to the compute dtype.
+      variables: its {'params', 'batch_stats'} (float32 whatever the compute dtype).
+      precision: None (the platform's default for float32 dots and convolutions: TF32 on
+        recent NVIDIA GPUs, bf16 passes on TPUs, full float32 on CPUs) or "default" /
+        "high" / "highest" (`jax.default_matmul_precision`), for every dot and convolution.
+      bucket: array sides are rounded up with `bucket_side` (None: exact shapes); "auto"
+        resolves to 64 on CPU and "ladder" on accelerators. Results do not depend on it.
+      batch_pixels: bucketed pixels per device in one `refine_batch` batch.
+      trace_count: how many times the jitted programs were traced (compilations).
     """
 
     def __init__(
@@ -191,50 +245,36 @@ class Refiner:
         model: CRM,
         variables: dict[str, Any],
         *,
-        bucket: int | None = 64,
-        chunk_queries: int = 1 << 20,
-        band_rows: int = 32,
+        dtype: Any = jnp.float32,
+        precision: str | None = None,
+        bucket: int | str | None = "auto",
+        batch_pixels: int | None = None,
     ):
-        self.model = model
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        accelerator = jax.default_backend() != "cpu"
+        if bucket == "auto":
+            bucket = "ladder" if accelerator else 64
+        if not (bucket is None or bucket == "ladder" or (isinstance(bucket, int) and bucket > 0)):
+            raise ValueError(f"bucket must be None, a positive int, 'ladder' or 'auto', "
+                             f"got {bucket!r}")
+        self.model = model.clone(dtype=dtype)
         self.variables = {k: variables[k] for k in ("params", "batch_stats")}
+        self.precision = precision
         self.bucket = bucket
-        self.chunk_queries = int(chunk_queries)
-        self.band_rows = int(band_rows)
+        default_pixels = ACCELERATOR_BATCH_PIXELS if accelerator else CPU_BATCH_PIXELS
+        self.batch_pixels = int(batch_pixels or default_pixels)
         self.trace_count = 0
-        self._encode = jax.jit(self._encode_impl, static_argnames=("length",))
-        self._decode = jax.jit(self._decode_impl)
+        self._programs: dict[int, tuple[Any, Any, Any, Any]] = {}
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> Refiner:
         """A Refiner for a checkpoint directory (see the module docstring for the format)."""
         model, variables = load_checkpoint(directory)
         return cls(model, variables, **kwargs)
-
-    # -- jitted pieces (trace_count counts their traces) --
-
-    def _encode_impl(self, variables, image, mask, sizes, *, length):
-        """Resize (padded full size sizes[0:2] -> sizes[2:4]), encode, project: [h, w, 32].
-
-        Uses `CRM.encode_project` (banded fusion, see `FusionHead.fuse_project`).
-        """
-        self.trace_count += 1
-        full, size = (sizes[0], sizes[1]), (sizes[2], sizes[3])
-        image = resize_bilinear_dynamic(image, length, full, size, align_corners=True)
-        mask = resize_bilinear_dynamic(mask, length, full, size, align_corners=True)
-        proj = self.model.apply(
-            variables, image, mask, valid_size=size, band_rows=self.band_rows,
-            method=CRM.encode_project,
-        )
-        return proj[0]
-
-    def _decode_impl(self, variables, proj, rows, cols, rel_cell, num_rows):
-        """Probabilities [R, C] of the first num_rows rows (one row per loop step)."""
-        self.trace_count += 1
-        logits = self.model.apply(
-            variables, proj, rows, cols, rel_cell, rows_per_step=1, num_rows=num_rows,
-            method=CRM.decode_grid,
-        )
-        return jax.nn.sigmoid(logits)
 
     # -- public API --
 
@@ -250,7 +290,31 @@ class Refiner:
           scales: the multi-resolution schedule (one entry = single forward).
         """
         rgb, unit, scales = self._checked(image, mask, scales)
-        return self._refine(self._prepare_image(rgb), unit, scales)[-1]
+        return self._run([(rgb, unit)], scales)[0][-1]
+
+    def refine_batch(
+        self,
+        images: Sequence[Any],
+        masks: Sequence[Any],
+        scales: Sequence[float] = DEFAULT_SCALES,
+    ) -> list[np.ndarray]:
+        """`refine` of many images (any mix of sizes): float32 [H_i, W_i] each, in order.
+
+        Images are grouped by shape bucket; each group runs in batches (a power of two
+        times the number of devices used, padded with repeats, at most `batch_pixels`
+        bucketed pixels per device), sharded over the local devices along a data axis.
+        Results equal per-image `refine` up to float32 summation order.
+        """
+        if len(images) != len(masks):
+            raise ValueError(f"got {len(images)} images and {len(masks)} masks")
+        scales = self._checked_scales(scales)
+        items = []
+        for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            try:
+                items.append(self._checked(image, mask, scales)[:2])
+            except ValueError as err:
+                raise ValueError(f"item {k}: {err}") from None
+        return [steps[-1] for steps in self._run(items, scales)]
 
     def refine_steps(
         self, image: Any, mask: Any, scales: Sequence[float] = DEFAULT_SCALES
@@ -259,18 +323,16 @@ class Refiner:
 
         Same arguments as `refine`, whose output is the last entry; the earlier ones show
         what each step of the cascade did (`jax_refine.train.evaluate` scores them). Holds
-        one float32 [H, W] per scale (4 x 96 MB at 6000 x 4000); `refine` keeps only one.
+        one float32 [H, W] per scale on the device and the host.
         """
         rgb, unit, scales = self._checked(image, mask, scales)
-        return self._refine(self._prepare_image(rgb), unit, scales, keep_steps=True)
+        return self._run([(rgb, unit)], scales, keep_steps=True)[0]
 
     def refine_labels(
         self, image: Any, label_map: Any, scales: Sequence[float] = DEFAULT_SCALES
     ) -> np.ndarray:
-        """Refine every class of an integer label map one-vs-rest; recombine by argmax.
-
-        Returns a label map of the same shape and dtype; ties go to the smaller class id.
-        """
+        """Refine every class of an integer label map one-vs-rest (one batch); recombine by
+        argmax. Returns a label map of the same shape and dtype; ties go to the smaller id."""
         rgb = image_to_rgb(image)
         scales = self._checked_scales(scales)
         if not isinstance(label_map, np.ndarray) or label_map.ndim != 2 or not (
@@ -284,14 +346,11 @@ class Refiner:
         classes = np.unique(label_map)
         if len(classes) < 2:
             return label_map.copy()
-        prepared = self._prepare_image(rgb)
-        probs = np.stack([
-            self._refine(prepared, (label_map == c).astype(np.float32), scales)[-1]
-            for c in classes
-        ])
+        items = [(rgb, (label_map == c).astype(np.float32)) for c in classes]
+        probs = np.stack([steps[-1] for steps in self._run(items, scales)])
         return classes[np.argmax(probs, axis=0)].astype(label_map.dtype)
 
-    # -- internals --
+    # -- validation --
 
     @staticmethod
     def _checked(
@@ -307,66 +366,185 @@ class Refiner:
     @staticmethod
     def _checked_scales(scales: Sequence[float]) -> tuple[float, ...]:
         scales = tuple(float(s) for s in scales)
-        if not scales or any(not s > 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty sequence of positive numbers, "
+        if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of finite positive numbers, "
                              f"got {scales}")
         return scales
 
-    def _prepare_image(self, rgb: np.ndarray) -> tuple[Any, tuple[int, int]]:
-        padded = np.pad(normalise_image(rgb), ((PAD, PAD), (PAD, PAD), (0, 0)), mode="reflect")
-        return self._to_device(padded), padded.shape[:2]
+    # -- host side: grouping and the one upload / one download per batch --
 
-    def _to_device(self, array: np.ndarray) -> Any:
-        hp, wp = array.shape[:2]
-        out = np.zeros((1, _round_up(hp, self.bucket), _round_up(wp, self.bucket),
-                        array.shape[2]), np.float32)
-        out[0, :hp, :wp] = array
-        return jnp.asarray(out)
+    def _shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Bucketed array shape (Hb, Wb) of the padded image of true size `size`."""
+        return tuple(bucket_side(n + 2 * PAD, self.bucket) for n in size)
 
-    def _refine(
-        self, prepared, unit_mask: np.ndarray, scales: tuple[float, ...], keep_steps: bool = False
-    ) -> list[np.ndarray]:
-        """Probabilities [H, W] after every scale if keep_steps, else after the last only."""
-        image_dev, (hp, wp) = prepared
-        seg = np.pad((unit_mask - np.float32(0.5)) / np.float32(0.5), PAD, mode="reflect")
-        prob = np.zeros((hp, wp), np.float32)
-        steps = []
-        for s in scales:
-            size = (round(hp * s), round(wp * s))
-            if min(size) < 1:
-                raise ValueError(f"scale {s} gives an empty image for padded size {(hp, wp)}")
-            if (seg.astype(np.float64) + 1).sum() < 2:  # the reference's empty-mask rule
-                prob = np.zeros((hp, wp), np.float32)
-            else:
-                prob = self._forward(image_dev, self._to_device(seg[:, :, None]), (hp, wp), size)
+    def _lengths(self, shape: tuple[int, int], scale: float) -> tuple[int, int]:
+        """Static encoder input shape at `scale` for images of bucketed shape `shape`."""
+        if self.bucket is None:
+            return tuple(round(n * scale) for n in shape)
+        return tuple(bucket_side(math.ceil(n * scale), self.bucket) for n in shape)
+
+    def _run(
+        self, items: list[tuple[np.ndarray, np.ndarray]], scales: tuple[float, ...],
+        keep_steps: bool = False,
+    ) -> list[list[np.ndarray]]:
+        """Per item, the probabilities [H, W] after every scale (keep_steps) or the last."""
+        for rgb, _ in items:
+            hp, wp = (n + 2 * PAD for n in rgb.shape[:2])
+            for s in scales:
+                if min(round(hp * s), round(wp * s)) < 1:
+                    raise ValueError(f"scale {s} gives an empty image for padded size "
+                                     f"{(hp, wp)}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (rgb, _) in enumerate(items):
+            groups.setdefault(self._shape(rgb.shape[:2]), []).append(i)
+        devices = jax.local_devices()
+        results: list[list[np.ndarray]] = [[] for _ in items]
+        for shape, members in groups.items():
+            per_device = max(1, self.batch_pixels // (shape[0] * shape[1]))
+            capacity = per_device * len(devices)
+            for start in range(0, len(members), capacity):
+                chunk = members[start : start + capacity]
+                used = min(len(chunk), len(devices))
+                per_used = 1 << (math.ceil(len(chunk) / used) - 1).bit_length()
+                padded = chunk + [chunk[-1]] * (per_used * used - len(chunk))
+                probs = self._run_batch([items[i] for i in padded], shape, scales, used,
+                                        keep_steps)
+                for j, i in enumerate(chunk):
+                    h, w = items[i][0].shape[:2]
+                    results[i] = [p[j, PAD : PAD + h, PAD : PAD + w] for p in probs]
+        return results
+
+    def _run_batch(self, items, shape, scales, used, keep_steps) -> list[np.ndarray]:
+        """One batch of images of one bucket on `used` devices -> probabilities [B, Hb, Wb]
+        after each scale (or the last); one explicit upload, one explicit download."""
+        hb, wb = shape
+        rows_len = -(-hb // decode_block_rows(hb, wb)) * decode_block_rows(hb, wb)
+        batch = len(items)
+        image = np.zeros((batch, hb, wb, 3), np.uint8)
+        unit = np.zeros((batch, hb, wb), np.float32)
+        for j, (rgb, mask) in enumerate(items):
+            image[j, : rgb.shape[0], : rgb.shape[1]] = rgb
+            unit[j, : mask.shape[0], : mask.shape[1]] = mask
+        sizes = np.asarray([rgb.shape[:2] for rgb, _ in items], np.int32)
+        steps = [self._scale_tables(sizes, s, rows_len, wb) for s in scales]
+        variables, prepare, scale_step, sharding = self._program(used)
+        image, unit, sizes, steps = jax.device_put((image, unit, sizes, steps), sharding)
+        with self._precision():
+            image, prob = prepare(image, unit, sizes)
+            probs = []
+            for s, step in zip(scales, steps, strict=True):
+                prob = scale_step(variables, image, prob, step, length=self._lengths(shape, s))
+                probs.append(prob)
+        return jax.device_get(probs if keep_steps else probs[-1:])
+
+    def _scale_tables(self, sizes: np.ndarray, scale: float, rows_len: int, width: int) -> dict:
+        """Per image of the batch: the padded and scaled sizes and the decoder's grid tables
+        (`grid_tables`, computed on the host in float32 exactly as the reference)."""
+        out: dict[str, list] = {"sizes": [], "rows": [], "cols": [], "rel_cell": []}
+        for h, w in sizes:
+            hp, wp = int(h) + 2 * PAD, int(w) + 2 * PAD
+            size = (round(hp * scale), round(wp * scale))
+            lh, lw = (int(n) for n in self.model.latent_size(size))
+            out["sizes"].append((hp, wp, *size))
+            out["rows"].append(grid_tables(hp, lh, 0, rows_len))
+            out["cols"].append(grid_tables(wp, lw, 0, width))
+            out["rel_cell"].append((np.float32(2 / hp) * np.float32(lh),
+                                    np.float32(2 / wp) * np.float32(lw)))
+        return {
+            "sizes": np.asarray(out["sizes"], np.int32),
+            "rows": tuple(np.stack(t) for t in zip(*out["rows"], strict=True)),
+            "cols": tuple(np.stack(t) for t in zip(*out["cols"], strict=True)),
+            "rel_cell": np.asarray(out["rel_cell"], np.float32),
+        }
+
+    def _precision(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.precision)
+
+    # -- device side --
+
+    def _program(self, used: int):
+        """(variables, prepare, scale_step, data_sharding) for batches sharded over the first
+        `used` local devices; variables replicated there. Cached per `used` (jit caches its
+        compilations per input shape)."""
+        if used not in self._programs:
+            mesh = Mesh(np.asarray(jax.local_devices()[:used]), ("data",))
+            data, replicated = P("data"), P()
+            variables = jax.device_put(self.variables, NamedSharding(mesh, replicated))
+
+            def prepare(image, unit, sizes):
+                return jax.shard_map(self._prepare_impl, mesh=mesh, in_specs=data, check_vma=False,
+                                     out_specs=data)(image, unit, sizes)
+
+            def scale_step(variables, image, prob, step, *, length):
+                impl = functools.partial(self._scale_impl, length=length)
+                return jax.shard_map(impl, mesh=mesh, in_specs=(replicated, data, data, data),
+                                     out_specs=data, check_vma=False)(variables, image, prob, step)
+
+            self._programs[used] = (
+                variables,
+                jax.jit(prepare),
+                jax.jit(scale_step, static_argnames=("length",)),
+                NamedSharding(mesh, data),
+            )
+        return self._programs[used]
+
+    def _prepare_impl(self, image, unit, sizes):
+        """uint8 [B, Hb, Wb, 3], mask in [0, 1] [B, Hb, Wb] (true size `sizes` [B, 2] at the
+        top left) -> the reference's inputs reflect-padded by PAD: the ImageNet-normalised
+        image [B, Hb, Wb, 3] and the mask [B, Hb, Wb] (filler beyond the padded size)."""
+        self.trace_count += 1
+
+        def one(image, unit, size):
+            rows = _reflect_index(image.shape[0], size[0], PAD)
+            cols = _reflect_index(image.shape[1], size[1], PAD)
+            x = (image.astype(jnp.float32) / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
+            pad = lambda a: jnp.take(jnp.take(a, rows, axis=0), cols, axis=1)
+            return pad(x), pad(unit)
+
+        return jax.vmap(one)(image, unit, sizes)
+
+    def _scale_impl(self, variables, image, prob, step, *, length):
+        """One scale of the cascade for a batch: probabilities [B, Hb, Wb] from the previous
+        ones (or the coarse mask), feeding back (p - 0.5) * 2 as the reference does."""
+        self.trace_count += 1
+        model = self.model
+        hb, wb = image.shape[1:3]
+        rows_per_block = decode_block_rows(hb, wb)
+
+        def one(image, prob, step):
+            sizes = step["sizes"]
+            full, size = (sizes[0], sizes[1]), (sizes[2], sizes[3])
             seg = (prob - np.float32(0.5)) * np.float32(2)
-            if keep_steps:
-                steps.append(prob[PAD:-PAD, PAD:-PAD])
-        return steps if keep_steps else [prob[PAD:-PAD, PAD:-PAD]]
+            valid = (jnp.arange(hb) < sizes[0])[:, None] & (jnp.arange(wb) < sizes[1])[None]
+            empty = jnp.sum(jnp.where(valid, seg + 1, 0)) < 2  # the reference's empty rule
 
-    def _forward(self, image_dev, mask_dev, full: tuple[int, int], size: tuple[int, int]):
-        """Probabilities [hp, wp] of one scale: encode at `size`, query every pixel."""
-        hp, wp = full
-        length = (_round_up(size[0], self.bucket), _round_up(size[1], self.bucket))
-        sizes = jnp.asarray([hp, wp, size[0], size[1]], jnp.int32)
-        proj = self._encode(self.variables, image_dev, mask_dev, sizes, length=length)
-        h, w = (int(n) for n in self.model.latent_size(size))
-        width = image_dev.shape[2]
-        rows_per_chunk = max(1, self.chunk_queries // width)
-        n_chunks = math.ceil(hp / rows_per_chunk)
-        r_idx, r_rel, r_coord = grid_tables(hp, h, 0, n_chunks * rows_per_chunk)
-        cols = tuple(jnp.asarray(t) for t in grid_tables(wp, w, 0, width))
-        rel_cell = np.asarray(
-            [np.float32(2 / hp) * np.float32(h), np.float32(2 / wp) * np.float32(w)], np.float32
-        )
-        outs = []
-        for k in range(n_chunks):
-            sl = slice(k * rows_per_chunk, (k + 1) * rows_per_chunk)
-            rows = (r_idx[:, sl], r_rel[:, sl], r_coord[sl])
-            num_rows = np.int32(min(rows_per_chunk, hp - k * rows_per_chunk))
-            outs.append(self._decode(self.variables, proj, rows, cols, rel_cell, num_rows))
-        prob = np.concatenate([np.asarray(o) for o in outs], axis=0)
-        return prob[:hp, :wp]
+            def refine_scale():
+                resize = functools.partial(resize_bilinear_dynamic, length=length,
+                                           in_size=full, out_size=size, align_corners=True)
+                branches = model.apply(
+                    variables, resize(image[None]), resize(seg[None, :, :, None]),
+                    valid_size=size, method=CRM.encode_branches,
+                )
+
+                def fuse_decode(band_rows: int, rows_per_step: int):
+                    proj = model.apply(variables, branches, valid_size=size,
+                                       band_rows=band_rows, method=CRM.fuse_project)
+                    return model.apply(
+                        variables, proj[0], step["rows"], step["cols"], step["rel_cell"],
+                        rows_per_step=rows_per_step, num_rows=sizes[0], method=CRM.decode_grid,
+                    )
+
+                logits = jax.lax.platform_dependent(
+                    cpu=lambda: fuse_decode(CPU_BAND_ROWS, 1),
+                    default=lambda: fuse_decode(ACCELERATOR_BAND_ROWS, rows_per_block),
+                )
+                return jax.nn.sigmoid(logits[:hb])
+
+            return jax.lax.cond(empty, lambda: jnp.zeros((hb, wb), jnp.float32), refine_scale)
+
+        return jax.vmap(one)(image, prob, step)
 
 
 if __name__ == "__main__":

@@ -198,10 +198,11 @@ class ImplicitDecoder(nn.Module):
             decoded; the remaining rows of the result are zero (filler rows cost nothing).
 
         Returns:
-          [R, C] logits.
+          [R, C] logits (float32). The first layer's position terms and sum are float32;
+          the MLP after it runs in proj's dtype.
         """
-        kernel = self.layers_0.position_kernel().astype(proj.dtype)
-        bias = self.layers_0.bias.astype(proj.dtype)
+        kernel = self.layers_0.position_kernel().astype(jnp.float32)
+        bias = self.layers_0.bias.astype(jnp.float32)
         layers = [
             getattr(self, f"layers_{2 * k}").variables["params"]
             for k in range(1, len(self.hidden) + 1)
@@ -225,14 +226,14 @@ class ImplicitDecoder(nn.Module):
                 band = proj[r_idx[a]]  # [r, w, hidden]
                 for b in range(2):
                     pre = band[:, c_idx[b]] + row_term[:, None, :] + col_terms[b][None, :, :]
-                    preds.append(_mlp_head(pre, layers))
+                    preds.append(_mlp_head(pre.astype(proj.dtype), layers))
                     areas.append(jnp.abs(r_rel[a][:, None] * c_rel[b][None, :]) + AREA_EPS)
             return _ensemble(preds, areas)[..., 0]
 
         r_idx, r_rel, r_coord = rows
         n = r_coord.shape[0]
         if rows_per_step is None:
-            return block(r_idx, r_rel, r_coord)
+            return block(r_idx, r_rel, r_coord).astype(jnp.float32)
         if n % rows_per_step:
             raise ValueError(f"rows_per_step={rows_per_step} must divide the {n} rows")
         steps = n // rows_per_step if num_rows is None else -(-num_rows // rows_per_step)
@@ -243,7 +244,7 @@ class ImplicitDecoder(nn.Module):
             value = block(take(r_idx), take(r_rel), take(r_coord))
             return jax.lax.dynamic_update_slice_in_dim(out, value.astype(out.dtype), r0, 0)
 
-        out = jnp.zeros((n, c_coord.shape[0]), proj.dtype)
+        out = jnp.zeros((n, c_coord.shape[0]), jnp.float32)
         return jax.lax.fori_loop(0, steps, body, out)
 
 
@@ -326,7 +327,7 @@ class FusionHead(nn.Module):
       features: latent channels after the 3x3 fusion conv (256).
       level: which level's size the branches are resized to (0, 1 or 2 = x1, x2, x3).
       level_ratios: size ratio between consecutive levels (2, 2); bounds the rows a band
-        of `fuse_project` reads.
+        of `fuse_branches_project` reads.
       dropout_rate: dropout after every branch and after the fusion conv (0.5).
     """
 
@@ -401,15 +402,15 @@ class FusionHead(nn.Module):
         x = nn.relu(self.last_conv_1(self.last_conv_0(x), use_running_average=not train))
         return self.dropout(x, deterministic=not train)
 
-    def fuse_project(
+    def fuse_branches_project(
         self,
-        xs: Sequence[Array],
+        outs: Sequence[Array],
         project_kernel: Array,
         *,
         valid_sizes: Sequence[tuple[Size, Size]] | None = None,
         band_rows: int = 32,
     ) -> Array:
-        """`self(xs) @ project_kernel` in eval mode, computed in bands of rows (bounded memory).
+        """`self(xs) @ project_kernel` in eval mode from `branches(xs, train=False)`, in bands.
 
         Exact algebra, cheaper than the direct form: the fusion conv is linear, and a
         channel mix commutes with the per-channel bilinear upsampling, so for every level
@@ -420,28 +421,14 @@ class FusionHead(nn.Module):
         direct convolution. Only `band_rows` target rows of 256-channel data exist at once.
 
         Args:
-          xs: the three level features.
+          outs: the three branch outputs (`branches(xs, train=False)`).
           project_kernel: [features, P], the decoder's first-layer feature kernel.
-          valid_sizes: valid sizes of xs (bucketed inputs), as in __call__.
+          valid_sizes: valid sizes of the levels (bucketed inputs), as in __call__.
           band_rows: latent rows computed per loop step.
 
         Returns:
           [B, h_level, w_level, P].
         """
-        return self.fuse_branches_project(
-            self.branches(xs, train=False), project_kernel,
-            valid_sizes=valid_sizes, band_rows=band_rows,
-        )
-
-    def fuse_branches_project(
-        self,
-        outs: Sequence[Array],
-        project_kernel: Array,
-        *,
-        valid_sizes: Sequence[tuple[Size, Size]] | None = None,
-        band_rows: int = 32,
-    ) -> Array:
-        """`fuse_project` from the three branch outputs (`branches(xs, train=False)`)."""
         t = self.level
         sizes = valid_sizes or [y.shape[1:3] for y in outs]
         batch, height, width = outs[t].shape[:3]
@@ -490,7 +477,8 @@ class FusionHead(nn.Module):
             for tap in tap_data:
                 acc = acc + tap.band(r0, band_rows)
             y = nn.relu((acc - bn_mean) * bn_mul + bn_bias)  # BatchNorm, Flax's formula
-            return jax.lax.dynamic_update_slice_in_dim(out, jnp.dot(y, project_kernel), r0, 1)
+            update = jnp.dot(y.astype(self.dtype), project_kernel)
+            return jax.lax.dynamic_update_slice_in_dim(out, update, r0, 1)
 
         out = jnp.zeros((batch, total, width, project_kernel.shape[-1]), self.dtype)
         out = jax.lax.fori_loop(0, n_bands, band, out)
@@ -498,7 +486,7 @@ class FusionHead(nn.Module):
 
 
 class _TapBranch:
-    """A coarse level's share of the fusion conv, computed band by band (see fuse_project)."""
+    """A coarse level's share of the fusion conv, band by band (see `fuse_branches_project`)."""
 
     def __init__(self, src, rows, cols, kernel, src_rows, width):
         self.src, self.rows, self.cols = src, rows, cols
@@ -656,6 +644,39 @@ class CRM(nn.Module):
             valid = [sizes[name] for name in LEVELS]
         return self.aspp_([feats[name] for name in LEVELS], train=train, valid_sizes=valid)
 
+    def encode_branches(
+        self, image: Array, mask: Array, *, valid_size: tuple[Size, Size] | None = None
+    ) -> list[Array]:
+        """The fusion's three branch outputs in eval mode (`FusionHead.branches`).
+
+        The backbone runs each stage's identical blocks as one scan (`scan_blocks`, same
+        results), which keeps XLA's heap for large inputs at about half the size of the
+        unrolled program's.
+        """
+        x = jnp.concatenate([image, mask.astype(image.dtype)], axis=-1)
+        feats = self.feats(x, train=False, valid_size=valid_size, scan_blocks=True)
+        return self.aspp_.branches([feats[name] for name in LEVELS], train=False)
+
+    def fuse_project(
+        self,
+        branches: Sequence[Array],
+        *,
+        valid_size: tuple[Size, Size] | None = None,
+        band_rows: int = 32,
+    ) -> Array:
+        """`project` of the fused latent from `encode_branches`' outputs: [B, h, w, hidden[0]].
+
+        Banded (`FusionHead.fuse_branches_project`): only `band_rows` latent rows of the
+        256-channel map exist at once.
+        """
+        valid = None
+        if valid_size is not None:
+            sizes = resnet.feature_valid_sizes(valid_size, self.strides, 3)
+            valid = [sizes[name] for name in LEVELS]
+        return self.aspp_.fuse_branches_project(
+            branches, self.imnet.feature_kernel(), valid_sizes=valid, band_rows=band_rows
+        )
+
     def encode_project(
         self,
         image: Array,
@@ -666,23 +687,10 @@ class CRM(nn.Module):
     ) -> Array:
         """`project(encode(image, mask))` in eval mode with bounded memory: [B, h, w, hidden[0]].
 
-        The fusion is computed in bands of `band_rows` latent rows (`FusionHead.fuse_project`),
-        so the 256-channel latent map never exists at full size, and the backbone runs each
-        stage's identical blocks as one scan (`scan_blocks`, same results), which keeps XLA's
-        heap for large inputs at about half the size of the unrolled program's.
+        `encode_branches` followed by `fuse_project`.
         """
-        x = jnp.concatenate([image, mask.astype(image.dtype)], axis=-1)
-        feats = self.feats(x, train=False, valid_size=valid_size, scan_blocks=True)
-        valid = None
-        if valid_size is not None:
-            sizes = resnet.feature_valid_sizes(valid_size, self.strides, 3)
-            valid = [sizes[name] for name in LEVELS]
-        return self.aspp_.fuse_project(
-            [feats[name] for name in LEVELS],
-            self.imnet.feature_kernel(),
-            valid_sizes=valid,
-            band_rows=band_rows,
-        )
+        branches = self.encode_branches(image, mask, valid_size=valid_size)
+        return self.fuse_project(branches, valid_size=valid_size, band_rows=band_rows)
 
     def decode(self, latent: Array, coord: Array, cell: Array) -> Array:
         """Logits [B, Q, 1] at query coordinates coord [B, Q, 2] with cells cell [B, Q, 2]."""
