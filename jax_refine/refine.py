@@ -177,9 +177,9 @@ def normalise_image(rgb: np.ndarray) -> np.ndarray:
 CPU_BAND_ROWS = 32
 ACCELERATOR_BAND_ROWS = 256
 ACCELERATOR_DECODE_QUERIES = 1 << 20
-# Pixels of bucketed image per device in one batch of `refine_batch` (None: by backend).
-CPU_BATCH_PIXELS = 1 << 22
-ACCELERATOR_BATCH_PIXELS = 1 << 25
+# Bucketed pixels per device uploaded at once by `refine_batch` (11 bytes each on the device).
+CPU_BATCH_PIXELS = 1 << 24
+ACCELERATOR_BATCH_PIXELS = 1 << 27
 PRECISIONS = ("default", "high", "highest")
 
 
@@ -300,10 +300,12 @@ class Refiner:
     ) -> list[np.ndarray]:
         """`refine` of many images (any mix of sizes): float32 [H_i, W_i] each, in order.
 
-        Images are grouped by shape bucket; each group runs in batches (a power of two
-        times the number of devices used, padded with repeats, at most `batch_pixels`
-        bucketed pixels per device), sharded over the local devices along a data axis.
-        Results equal per-image `refine` up to float32 summation order.
+        Images are grouped by shape bucket; each group runs in batches sharded over the
+        local devices along a data axis (at most `batch_pixels` bucketed pixels per device;
+        a power of two images per device, filled up with empty masks, which cost nothing, so
+        that few batch sizes are compiled). On each device the images of a batch are refined
+        one after another inside one program, so its memory is one image's. Results equal
+        per-image `refine`.
         """
         if len(images) != len(masks):
             raise ValueError(f"got {len(images)} images and {len(masks)} masks")
@@ -349,6 +351,34 @@ class Refiner:
         items = [(rgb, (label_map == c).astype(np.float32)) for c in classes]
         probs = np.stack([steps[-1] for steps in self._run(items, scales)])
         return classes[np.argmax(probs, axis=0)].astype(label_map.dtype)
+
+    def export(
+        self, size: tuple[int, int], scales: Sequence[float] = DEFAULT_SCALES,
+        platforms: Sequence[str] = ("cuda", "tpu"),
+    ) -> list[jax.export.Exported]:
+        """The refinement programs of one image `size` (H, W) lowered for `platforms` with
+        `jax.export` (serialisable): the input preparation, then one program per scale.
+
+        The loop shapes follow each platform (`jax.lax.platform_dependent`), so a CPU host
+        can lower the GPU/TPU programs.
+        """
+        scales = self._checked_scales(scales)
+        shape = self._shape(size)
+        sizes = np.asarray([size], np.int32)
+        rows_len = -(-shape[0] // decode_block_rows(*shape)) * decode_block_rows(*shape)
+        spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
+        variables, prepare, scale_step, _ = self._program(1)
+        export = functools.partial(jax.export.export, platforms=tuple(platforms))
+        image = jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32)
+        prob = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+        with self._precision():
+            programs = [export(prepare)(jax.ShapeDtypeStruct((1, *shape, 3), jnp.uint8), prob,
+                                        spec(sizes))]
+            for s in scales:
+                step = jax.tree.map(spec, self._scale_tables(sizes, s, rows_len, shape[1]))
+                programs.append(export(scale_step)(variables, image, prob, step,
+                                                   length=self._lengths(shape, s)))
+        return programs
 
     # -- validation --
 
@@ -406,8 +436,10 @@ class Refiner:
                 chunk = members[start : start + capacity]
                 used = min(len(chunk), len(devices))
                 per_used = 1 << (math.ceil(len(chunk) / used) - 1).bit_length()
-                padded = chunk + [chunk[-1]] * (per_used * used - len(chunk))
-                probs = self._run_batch([items[i] for i in padded], shape, scales, used,
+                # Filler entries have an empty mask: the empty-mask rule skips their work.
+                rgb, unit = items[chunk[-1]]
+                filler = [(rgb, np.zeros_like(unit))] * (per_used * used - len(chunk))
+                probs = self._run_batch([items[i] for i in chunk] + filler, shape, scales, used,
                                         keep_steps)
                 for j, i in enumerate(chunk):
                     h, w = items[i][0].shape[:2]
@@ -544,7 +576,7 @@ class Refiner:
 
             return jax.lax.cond(empty, lambda: jnp.zeros((hb, wb), jnp.float32), refine_scale)
 
-        return jax.vmap(one)(image, prob, step)
+        return jax.lax.map(lambda args: one(*args), (image, prob, step))
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def refine_multiscale(model, im, seg, scales=(0.125, 0.25, 0.5, 1.0), chunk=MEMO
     im = F.pad(im, (32, 32, 32, 32), mode="reflect")
     seg = F.pad(seg, (32, 32, 32, 32), mode="reflect")
     hp, wp = im.shape[-2:]
-    coord = make_coord((hp, wp))[None]
+    coord = make_coord((hp, wp)).to(im.device)[None]
     cell = torch.ones_like(coord)
     cell[..., 0] *= 2 / hp
     cell[..., 1] *= 2 / wp
