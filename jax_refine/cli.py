@@ -1,11 +1,26 @@
 """Command line of the CRM Refiner: refine one image/mask pair or a BIG-layout folder.
 
-`python -m jax_refine.cli` (and `python -m jax_refine.refine`, kept for compatibility).
+    jax-refine refine --checkpoint DIR --image IMG --mask MASK --out OUT.png [--gt GT]
+    jax-refine refine --checkpoint DIR --input-dir IN --output-dir OUT [--skip-bad]
+
+(`python -m jax_refine.cli` and `python -m jax_refine.refine` are the same command;
+`jax-refine convert ...` is `python -m jax_refine.convert ...`.)
+
+Everything is checked before the model is loaded: every input is read (see `jax_refine.io`
+for how 16-bit, palette and label files are interpreted), image and mask sizes must agree,
+outputs must have an image extension, be writable and not overwrite an input (unless
+`--overwrite`), scales must be finite and positive. Folder mode reports every bad pair with
+its path and stops, or with `--skip-bad` refines the good pairs and prints a summary of the
+skipped ones. Outputs are written atomically (temporary file + rename); a failed single-pair
+run leaves no output behind. File names are matched literally (no glob patterns).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,44 +28,148 @@ from typing import Any
 
 import numpy as np
 
+from jax_refine.io import IMAGE_SUFFIXES, read_image, read_mask, write_image
 from jax_refine.refine import DEFAULT_SCALES, Refiner
 
-# ----------------------------------------------------------------------------- command line
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image/mask pair to refine and where its outputs go."""
+
+    name: str
+    image: Path
+    mask: Path
+    gt: Path | None
+    out: Path
+    prob: Path | None  # the probability PNG (--save-prob)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 RGB/RGBA/grayscale array; unreadable files raise ValueError."""
-    from PIL import Image
+class InputError(ValueError):
+    """Problems found in the inputs before refining (one line per problem)."""
 
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _positive_finite(text: str) -> float:
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("RGB", "RGBA", "L"):
-                im = im.convert("RGB")
-            return np.asarray(im).copy()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"scale {text} must be finite and positive")
+    return value
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask file -> uint8 [H, W] (converted to 8-bit grayscale, as the reference does)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L")).copy()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    from PIL import Image
+def _output_problems(path: Path, inputs: Sequence[Path], overwrite: bool) -> list[str]:
+    """Why `path` cannot be written as an output (extension, writability, an input)."""
+    problems = []
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        problems.append(f"output {path}: unknown image extension {path.suffix!r} "
+                        f"(use one of {', '.join(IMAGE_SUFFIXES)})")
+    if not overwrite and any(_same_file(path, p) for p in inputs):
+        problems.append(f"output {path} is one of the inputs (pass --overwrite to replace it)")
+    if path.is_dir():
+        problems.append(f"output {path} is a directory")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        problems.append(f"output {path}: {ancestor} is not a directory")
+    elif not os.access(ancestor, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        problems.append(f"output {path} is not writable")
+    return problems
 
-    Image.fromarray(array).save(path)
+
+def _read_problems(job: Job) -> list[str]:
+    """Read the job's files; problems (unreadable files, size mismatches) with their paths."""
+    problems, sizes = [], {}
+    for kind, path, reader in (("image", job.image, read_image), ("mask", job.mask, read_mask),
+                               ("ground truth", job.gt, read_mask)):
+        if path is None:
+            continue
+        try:
+            sizes[path] = reader(path).shape[:2]
+        except ValueError as err:
+            problems.append(str(err) if str(path) in str(err) else f"{kind} {path}: {err}")
+    if len(set(sizes.values())) > 1:
+        problems.append("sizes differ: " + ", ".join(f"{p} {h}x{w}" for p, (h, w) in
+                                                     sizes.items()))
+    return problems
 
 
-def _find(directory: Path, stem: str) -> Path | None:
-    matches = sorted(p for p in directory.glob(f"{stem}.*") if p.is_file())
-    return matches[0] if matches else None
+def _entries(directory: Path) -> dict[str, list[Path]]:
+    """Files of `directory` by stem (literal names: no glob interpretation)."""
+    by_stem: dict[str, list[Path]] = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.is_file() and not entry.name.startswith("."):
+            by_stem.setdefault(entry.stem, []).append(entry)
+    return by_stem
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
+    """(jobs whose inputs and outputs passed every check, problems of the others).
+
+    Reads every input once (nothing is kept), so that a bad file is found before compute.
+    """
+    overwrite = args.overwrite
+    if not args.input_dir:
+        out = Path(args.out)
+        prob = out.with_name(out.stem + "_prob.png") if args.save_prob else None
+        job = Job(Path(args.image).stem, Path(args.image), Path(args.mask),
+                  Path(args.gt) if args.gt else None, out, prob)
+        inputs = [p for p in (job.image, job.mask, job.gt) if p is not None]
+        problems = _read_problems(job)
+        for path in (out, prob):
+            if path is not None:
+                problems += _output_problems(path, inputs, overwrite)
+        if prob is not None and _same_file(prob, out):
+            problems.append(f"output {out}: its probability PNG would be written to itself")
+        return ([], problems) if problems else ([job], [])
+
+    in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
+    if not in_dir.is_dir():
+        return [], [f"input folder {in_dir} does not exist or is not a folder"]
+    by_stem = _entries(in_dir)
+    inputs = [p for paths in by_stem.values() for p in paths]
+    jobs, problems = [], []
+    for stem, paths in by_stem.items():
+        if not stem.endswith("_im"):
+            continue
+        name = stem[: -len("_im")]
+        image = next((p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES), paths[0])
+        masks = by_stem.get(f"{name}_seg", [])
+        gts = by_stem.get(f"{name}_gt", [])
+        if not masks:
+            problems.append(f"{image}: no coarse mask {name}_seg.* in {in_dir}")
+            continue
+        out = out_dir / f"{name}_refined.png"
+        prob = out_dir / f"{name}_refined_prob.png" if args.save_prob else None
+        job = Job(name, image, masks[0], gts[0] if gts else None, out, prob)
+        found = _read_problems(job)
+        for path in (out, prob):
+            if path is not None:
+                found += _output_problems(path, inputs, overwrite)
+        if found:
+            problems += found
+        else:
+            jobs.append(job)
+    if not jobs and not problems:
+        problems.append(f"no NAME_im.* images in {in_dir}")
+    return jobs, problems
+
+
+# ----------------------------------------------------------------------------- refining
 
 
 def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, float]:
@@ -67,50 +186,59 @@ def _summary(scores: list[tuple[int, int, float]]) -> tuple[float, float]:
     return (inter / union if union else 1.0), (float(np.mean(mbas)) if mbas else float("nan"))
 
 
+def _write_outputs(job: Job, prob: np.ndarray) -> np.ndarray:
+    """Write the binary mask (and probability PNG); returns the binary mask. Writes both or
+    neither: if the second write fails, the first output is removed."""
+    refined = prob > 0.5
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    write_image(job.out, refined.astype(np.uint8) * 255)
+    if job.prob is not None:
+        try:
+            write_image(job.prob, np.round(prob * 255).astype(np.uint8))
+        except BaseException:
+            job.out.unlink(missing_ok=True)
+            raise
+    return refined
+
+
+def _refine_job(refiner: Refiner, job: Job, scales: tuple[float, ...]) -> dict[str, Any]:
+    coarse = read_mask(job.mask)
+    refined = _write_outputs(job, refiner.refine(read_image(job.image), coarse, scales))
+    record: dict[str, Any] = {"name": job.name, "output": str(job.out)}
+    if job.gt is not None:
+        gt = read_mask(job.gt) > 128
+        record["before"] = _scores(coarse > 128, gt)
+        record["after"] = _scores(refined, gt)
+        (iou_0, mba_0), (iou_1, mba_1) = (_summary([record[k]]) for k in ("before", "after"))
+        print(f"{job.name}: IoU {iou_0:.4f} -> {iou_1:.4f}, mBA {mba_0:.4f} -> {mba_1:.4f}")
+    return record
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Refine one pair or a BIG-layout folder; returns per-image records (and writes PNGs)."""
-    refiner = Refiner.from_checkpoint(args.checkpoint)
+    """Check every input and output, then refine; returns per-image records.
+
+    Raises `InputError` listing every problem found (folder mode with --skip-bad: only when
+    no pair is good; the skipped pairs are printed to stderr and recorded as
+    {'skipped': reason}). Refined pairs are recorded as {'name', 'output'[, 'before',
+    'after']} with the (intersection, union, mBA) terms when a ground truth is given.
+    """
+    jobs, problems = plan(args)
+    if problems and not (args.input_dir and args.skip_bad and jobs):
+        raise InputError(problems)
     scales = tuple(args.scales)
-    jobs: list[tuple[str, Path, Path, Path | None, Path]] = []
-    if args.input_dir:
-        in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for image_path in sorted(in_dir.glob("*_im.*")):
-            name = image_path.name[: image_path.name.rindex("_im.")]
-            seg = _find(in_dir, f"{name}_seg")
-            if seg is None:
-                raise ValueError(f"no coarse mask {name}_seg.* for {image_path}")
-            jobs.append((name, image_path, seg, _find(in_dir, f"{name}_gt"),
-                         out_dir / f"{name}_refined.png"))
-        if not jobs:
-            raise ValueError(f"no *_im.* images in {in_dir}")
-    else:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        gt = Path(args.gt) if args.gt else None
-        jobs.append((Path(args.image).stem, Path(args.image), Path(args.mask), gt, out))
+    refiner = Refiner.from_checkpoint(args.checkpoint)
 
     from tqdm import tqdm
 
-    records = []
-    for name, image_path, seg_path, gt_path, out_path in tqdm(
-        jobs, desc="refine", disable=len(jobs) == 1, file=sys.stderr
-    ):
-        image, coarse = read_image(image_path), read_mask(seg_path)
-        prob = refiner.refine(image, coarse, scales)
-        refined = prob > 0.5
-        write_png(out_path, refined.astype(np.uint8) * 255)
-        if args.save_prob:
-            prob_path = out_path.with_name(out_path.stem + "_prob.png")
-            write_png(prob_path, np.round(prob * 255).astype(np.uint8))
-        record: dict[str, Any] = {"name": name, "output": str(out_path)}
-        if gt_path is not None:
-            gt = read_mask(gt_path) > 128
-            record["before"] = _scores(coarse > 128, gt)
-            record["after"] = _scores(refined, gt)
-            (iou_0, mba_0), (iou_1, mba_1) = (_summary([record[k]]) for k in ("before", "after"))
-            print(f"{name}: IoU {iou_0:.4f} -> {iou_1:.4f}, mBA {mba_0:.4f} -> {mba_1:.4f}")
-        records.append(record)
+    records: list[dict[str, Any]] = [{"skipped": p} for p in problems]
+    for job in tqdm(jobs, desc="refine", disable=len(jobs) == 1, file=sys.stderr):
+        try:
+            records.append(_refine_job(refiner, job, scales))
+        except (ValueError, OSError) as err:
+            if not args.input_dir or not args.skip_bad:
+                raise
+            problems.append(f"{job.image}: {err}")
+            records.append({"skipped": problems[-1]})
     scored = [r for r in records if "after" in r]
     if len(scored) > 1:
         (iou_0, mba_0), (iou_1, mba_1) = (
@@ -118,43 +246,82 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         print(f"{len(scored)} images (dataset IoU, mean mBA): IoU {iou_0:.4f} -> {iou_1:.4f}, "
               f"mBA {mba_0:.4f} -> {mba_1:.4f}")
+    if problems:
+        done = sum("output" in r for r in records)
+        print(f"refined {done} pair(s); skipped {len(problems)} problem(s):", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
     return records
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str = "python -m jax_refine.cli") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jax_refine.cli",
+        prog=prog,
         description="Refine coarse masks with CRM (single pair or a BIG-layout folder).",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--image", help="input image (single-pair mode)")
     parser.add_argument("--mask", help="coarse mask (single-pair mode)")
-    parser.add_argument("--out", help="output mask PNG (single-pair mode)")
+    parser.add_argument("--out", help="output mask, e.g. out.png (single-pair mode)")
     parser.add_argument("--gt", help="ground-truth mask: print IoU/mBA before and after")
     parser.add_argument("--input-dir", help="folder with NAME_im.*, NAME_seg.* [NAME_gt.*]")
     parser.add_argument("--output-dir", help="where NAME_refined.png files are written")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="folder mode: refine the good pairs, list the bad ones at the end")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow an output to replace one of the input files")
     parser.add_argument("--save-prob", action="store_true",
                         help="also write 8-bit probability PNGs (*_prob.png)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+    parser.add_argument("--scales", type=_positive_finite, nargs="+",
+                        default=list(DEFAULT_SCALES),
                         help="multi-resolution schedule (default: 0.125 0.25 0.5 1.0)")
     args = parser.parse_args(argv)
     single = [args.image, args.mask, args.out]
     if args.input_dir or args.output_dir:
-        if not (args.input_dir and args.output_dir) or any(single):
+        if not (args.input_dir and args.output_dir) or any(single) or args.gt:
             parser.error("folder mode needs --input-dir and --output-dir (and no --image/"
-                         "--mask/--out)")
+                         "--mask/--out/--gt; ground truths are NAME_gt.* files)")
     elif not all(single):
         parser.error("give --image, --mask and --out, or --input-dir and --output-dir")
+    elif args.skip_bad:
+        parser.error("--skip-bad applies to folder mode only")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jax_refine.cli") -> int:
+    """Run the command line; returns the exit status (1 with a message on bad input)."""
     try:
-        run(parse_args(argv))
+        run(parse_args(argv, prog))
+    except InputError as err:
+        print(f"error: {len(err.problems)} problem(s) found before refining:", file=sys.stderr)
+        for line in err.problems:
+            print(f"  {line}", file=sys.stderr)
+        if "--input-dir" in (argv or sys.argv):
+            print("nothing was refined; --skip-bad refines the good pairs", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """The `jax-refine` command: subcommands `refine` (this module) and `convert`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"refine": "refine coarse masks with a CRM checkpoint",
+                "convert": "official PyTorch checkpoint -> jax_refine checkpoint directory"}
+    if not argv or argv[0] not in commands:
+        usage = "\n".join(f"  {name:8s} {text}" for name, text in commands.items())
+        print(f"usage: jax-refine {{refine,convert}} ...\n\ncommands:\n{usage}\n\n"
+              f"`jax-refine COMMAND --help` describes each.",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "convert":
+        from jax_refine.convert.__main__ import main as convert_main
+
+        return convert_main(argv[1:], prog="jax-refine convert")
+    return main(argv[1:], prog="jax-refine refine")
 
 
 if __name__ == "__main__":
