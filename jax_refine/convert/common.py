@@ -245,10 +245,10 @@ def _not_a_checkpoint(path: Path) -> str | None:
         return "is an HTML/XML page (a failed download?), not a checkpoint"
     if path.suffix == ".pkl" or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return None  # a pickle (protocol 0 is text), a torch zip archive or a binary pickle
-    try:
-        return f"is a text file (starts {head.decode('utf-8')[:40]!r}), not a checkpoint"
-    except UnicodeDecodeError:
-        return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: {head[:8]!r})"
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"is a text file (starts {text[:40]!r}), not a checkpoint"
+    return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: {head[:8]!r})"
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
