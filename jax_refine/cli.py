@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jax_refine.cl
         if "--input-dir" in (argv or sys.argv):
             print("nothing was refined; --skip-bad refines the good pairs", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad checkpoint, unwritable output, full disk
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,186 @@
+"""The refine command line: every check before compute, a folder mode that finishes, literal
+file names, atomic outputs, and the `jax-refine` console command."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jax_refine import cli
+from jax_refine.refine import Refiner, save_checkpoint
+from tests.test_refine import scene, small_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = small_model()
+    x = jnp.zeros((1, 32, 32, 3))
+    q = jnp.zeros((1, 4, 2))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, x[..., :1], q, q)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", model, variables)
+
+
+@pytest.fixture(scope="module")
+def refiner(checkpoint):
+    """One Refiner for the module's refining runs (one compilation)."""
+    return Refiner.from_checkpoint(checkpoint)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model is loaded: these runs must stop before any compute."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(cli.Refiner, "from_checkpoint", loaded)
+
+
+@pytest.fixture
+def shared(monkeypatch, refiner):
+    monkeypatch.setattr(cli.Refiner, "from_checkpoint", lambda *args, **kwargs: refiner)
+
+
+def _pair(directory, name, size=(24, 28), seed=0, mask_size=None):
+    image, mask = scene(*size, seed=seed)
+    Image.fromarray(image).save(directory / f"{name}_im.png")
+    mask_img = Image.fromarray(mask)
+    Image.fromarray(mask).save(directory / f"{name}_gt.png")
+    if mask_size is not None:
+        mask_img = mask_img.resize(mask_size[::-1])
+    mask_img.save(directory / f"{name}_seg.png")
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def pair(tmp_path):
+    image, mask = scene(24, 28)
+    Image.fromarray(image).save(tmp_path / "im.jpg")
+    Image.fromarray(mask).save(tmp_path / "seg.png")
+    return tmp_path / "im.jpg", tmp_path / "seg.png"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gt", "{d}/absent.png"], "absent.png does not exist"),
+    (["--out", "{d}/out.msk"], "unknown image extension '.msk'"),
+    (["--out", "{d}/seg.png"], "is one of the inputs (pass --overwrite"),
+    (["--out", "{d}/seg.png", "--gt", "{d}/seg.png"], "is one of the inputs"),
+    (["--out", "{d}/im.jpg/x.png"], "is not a directory"),
+    (["--mask", "{d}/small.png"], "sizes differ"),
+])
+def test_single_pair_checks_before_compute(no_model, pair, tmp_path, capsys, extra, message):
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
+    before = _files(tmp_path)
+    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+            "--out", str(tmp_path / "o" / "out.png")]
+    assert cli.main(args + [a.format(d=tmp_path) for a in extra]) == 1
+    assert message in capsys.readouterr().err
+    assert _files(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("scale", ["inf", "nan", "0", "-0.5", "1e400", "x"])
+def test_scales_must_be_finite_and_positive(pair, tmp_path, capsys, scale):
+    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+            "--out", str(tmp_path / "o.png"), "--scales", "0.5", scale]
+    with pytest.raises(SystemExit):
+        cli.parse_args(args)
+    assert "--scales" in capsys.readouterr().err
+
+
+def _mixed_folder(directory):
+    """Two good pairs (one with [brackets] in its name) and three bad ones."""
+    directory.mkdir()
+    _pair(directory, "good[1]", seed=1)
+    _pair(directory, "good2", size=(20, 22), seed=2)
+    _pair(directory, "wrongsize", mask_size=(10, 10))
+    Image.fromarray(scene(8, 8)[0]).save(directory / "nomask_im.png")
+    (directory / "corrupt_im.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.fromarray(scene(8, 8)[1]).save(directory / "corrupt_seg.png")
+    return ["wrongsize_im.png", "nomask_im.png", "corrupt_im.png"]
+
+
+def test_folder_reports_every_bad_pair_before_compute(no_model, tmp_path, capsys):
+    bad = _mixed_folder(tmp_path / "in")
+    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+            "--output-dir", str(tmp_path / "out")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "3 problem(s) found before refining" in err and "--skip-bad" in err
+    for name in bad:
+        assert str(tmp_path / "in" / name) in err or name.replace("_im", "_seg") in err
+    assert "no coarse mask nomask_seg.*" in err and "sizes differ" in err
+    assert "good[1]" not in err  # names are matched literally, not as glob patterns
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_skip_bad_refines_the_good_pairs(shared, tmp_path, capsys):
+    _mixed_folder(tmp_path / "in")
+    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+            "--output-dir", str(tmp_path / "out"), "--scales", "1.0", "--skip-bad"]
+    records = cli.run(cli.parse_args(args))
+    captured = capsys.readouterr()
+    assert _files(tmp_path / "out") == ["good2_refined.png", "good[1]_refined.png"]
+    assert [r["name"] for r in records if "output" in r] == ["good2", "good[1]"]
+    assert sum("skipped" in r for r in records) == 3
+    assert "refined 2 pair(s); skipped 3 problem(s)" in captured.err
+    assert "2 images (dataset IoU, mean mBA): IoU 1.0000 ->" in captured.out
+    refined = np.asarray(Image.open(tmp_path / "out" / "good2_refined.png"))
+    assert refined.shape == (20, 22) and set(np.unique(refined)) <= {0, 255}
+
+
+def test_palette_ground_truth_and_overwrite(shared, pair, tmp_path, capsys, monkeypatch):
+    labels = (np.asarray(Image.open(pair[1])) > 128).astype(np.uint8)
+    gt = Image.fromarray(labels, mode="P")
+    gt.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    gt.save(tmp_path / "gt_palette.png")
+    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+            "--gt", str(tmp_path / "gt_palette.png"), "--scales", "1.0"]
+    assert cli.main(args + ["--out", str(pair[1]), "--overwrite"]) == 0
+    assert "im: IoU 1.0000 ->" in capsys.readouterr().out  # the palette GT read as labels
+    assert set(np.unique(np.asarray(Image.open(pair[1])))) <= {0, 255}
+
+    # A failure while writing the second output removes the first: nothing is left behind.
+    real = cli.write_image
+    calls = []
+
+    def second_fails(path, array):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, array)
+
+    monkeypatch.setattr(cli, "write_image", second_fails)
+    out = tmp_path / "new" / "r.png"
+    assert cli.main(args + ["--out", str(out), "--save-prob"]) == 1
+    assert not out.exists() and not out.with_name("r_prob.png").exists()
+
+
+def test_console_command_dispatches(capsys):
+    assert cli.console_main([]) == 2
+    assert cli.console_main(["--help"]) == 0
+    assert "refine" in capsys.readouterr().out
+    for command in ("refine", "convert"):
+        with pytest.raises(SystemExit) as info:
+            cli.console_main([command, "--help"])
+        assert info.value.code == 0
+        assert f"usage: jax-refine {command}" in capsys.readouterr().out
+
+
+def test_output_folder_must_be_writable(no_model, tmp_path, capsys, monkeypatch):
+    _pair(tmp_path, "a")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: real(p, mode) and p != locked)
+    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path), "--output-dir",
+            str(locked / "out")]
+    assert cli.main(args) == 1
+    assert f"{locked / 'out' / 'a_refined.png'} is not writable" in capsys.readouterr().err
