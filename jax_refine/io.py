@@ -114,12 +114,19 @@ def _is_binary_label(array: np.ndarray) -> bool:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:  # what open() would give: 0o666 minus the umask (mkstemp's file is 0o600)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -96,6 +96,9 @@ def test_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
     out = tmp_path / "out.png"
     jio.write_image(out, np.zeros((4, 4), np.uint8))
     before = out.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
