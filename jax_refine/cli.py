@@ -6,6 +6,13 @@
 (`python -m jax_refine.cli` and `python -m jax_refine.refine` are the same command;
 `jax-refine convert ...` is `python -m jax_refine.convert ...`.)
 
+Compute: `--dtype` (float32, or bfloat16 for speed on accelerators; parameters stay float32)
+and `--precision` (default: the platform's; "highest" for full float32 dots on GPUs/TPUs,
+as the parity tests use). Compiled programs are kept in JAX's persistent compilation cache
+(`--cache-dir`, default ~/.cache/jax_refine; `--no-cache`), so a second run on images of
+the same shape buckets starts at once. Folder mode refines with `Refiner.refine_batch` in
+groups of at most `GROUP_PIXELS` image pixels per local device (bounded host memory).
+
 Everything is checked before the model is loaded: every input is read (see `jax_refine.io`
 for how 16-bit, palette and label files are interpreted), image and mask sizes must agree,
 outputs must have an image extension, be writable and not overwrite an input (unless
@@ -26,10 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jax_refine.io import IMAGE_SUFFIXES, read_image, read_mask, write_image
-from jax_refine.refine import DEFAULT_SCALES, Refiner
+from jax_refine.refine import DEFAULT_SCALES, PRECISIONS, Refiner, enable_compilation_cache
+
+DEFAULT_CACHE_DIR = "~/.cache/jax_refine"
+# Folder mode: image pixels per local device read and refined together (one refine_batch).
+GROUP_PIXELS = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +54,7 @@ class Job:
     gt: Path | None
     out: Path
     prob: Path | None  # the probability PNG (--save-prob)
+    size: tuple[int, int] = (0, 0)  # (H, W), found while checking
 
 
 class InputError(ValueError):
@@ -91,8 +104,9 @@ def _output_problems(path: Path, inputs: Sequence[Path], overwrite: bool) -> lis
     return problems
 
 
-def _read_problems(job: Job) -> list[str]:
-    """Read the job's files; problems (unreadable files, size mismatches) with their paths."""
+def _read_problems(job: Job) -> tuple[list[str], tuple[int, int]]:
+    """Read the job's files -> (problems with their paths: unreadable files, size mismatches;
+    the image size)."""
     problems, sizes = [], {}
     for kind, path, reader in (("image", job.image, read_image), ("mask", job.mask, read_mask),
                                ("ground truth", job.gt, read_mask)):
@@ -105,7 +119,31 @@ def _read_problems(job: Job) -> list[str]:
     if len(set(sizes.values())) > 1:
         problems.append("sizes differ: " + ", ".join(f"{p} {h}x{w}" for p, (h, w) in
                                                      sizes.items()))
-    return problems
+    return problems, sizes.get(job.image, (0, 0))
+
+
+def _checked_job(job: Job, inputs: Sequence[Path], overwrite: bool) -> tuple[Job, list[str]]:
+    """(the job with its size, every problem of its inputs and outputs)."""
+    problems, size = _read_problems(job)
+    for path in (job.out, job.prob):
+        if path is not None:
+            problems += _output_problems(path, inputs, overwrite)
+    if job.prob is not None and _same_file(job.prob, job.out):
+        problems.append(f"output {job.out}: its probability PNG would be written to itself")
+    return dataclasses.replace(job, size=size), problems
+
+
+def _cache_problems(args: argparse.Namespace) -> list[str]:
+    if args.no_cache:
+        return []
+    directory = Path(args.cache_dir).expanduser()
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        return [f"--cache-dir {directory}: cannot be created or written ({ancestor}); "
+                f"pass another folder or --no-cache"]
+    return []
 
 
 def _entries(directory: Path) -> dict[str, list[Path]]:
@@ -128,13 +166,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         prob = out.with_name(out.stem + "_prob.png") if args.save_prob else None
         job = Job(Path(args.image).stem, Path(args.image), Path(args.mask),
                   Path(args.gt) if args.gt else None, out, prob)
-        inputs = [p for p in (job.image, job.mask, job.gt) if p is not None]
-        problems = _read_problems(job)
-        for path in (out, prob):
-            if path is not None:
-                problems += _output_problems(path, inputs, overwrite)
-        if prob is not None and _same_file(prob, out):
-            problems.append(f"output {out}: its probability PNG would be written to itself")
+        job, problems = _checked_job(job, [p for p in (job.image, job.mask, job.gt) if p],
+                                     overwrite)
+        problems += _cache_problems(args)
         return ([], problems) if problems else ([job], [])
 
     in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
@@ -142,7 +176,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         return [], [f"input folder {in_dir} does not exist or is not a folder"]
     by_stem = _entries(in_dir)
     inputs = [p for paths in by_stem.values() for p in paths]
-    jobs, problems = [], []
+    jobs, problems = [], _cache_problems(args)
     for stem, paths in by_stem.items():
         if not stem.endswith("_im"):
             continue
@@ -155,11 +189,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
             continue
         out = out_dir / f"{name}_refined.png"
         prob = out_dir / f"{name}_refined_prob.png" if args.save_prob else None
-        job = Job(name, image, masks[0], gts[0] if gts else None, out, prob)
-        found = _read_problems(job)
-        for path in (out, prob):
-            if path is not None:
-                found += _output_problems(path, inputs, overwrite)
+        job, found = _checked_job(Job(name, image, masks[0], gts[0] if gts else None, out,
+                                      prob), inputs, overwrite)
         if found:
             problems += found
         else:
@@ -201,9 +232,9 @@ def _write_outputs(job: Job, prob: np.ndarray) -> np.ndarray:
     return refined
 
 
-def _refine_job(refiner: Refiner, job: Job, scales: tuple[float, ...]) -> dict[str, Any]:
-    coarse = read_mask(job.mask)
-    refined = _write_outputs(job, refiner.refine(read_image(job.image), coarse, scales))
+def _record(job: Job, coarse: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    """Write the job's outputs; its record, with IoU/mBA terms (printed) given a GT."""
+    refined = _write_outputs(job, prob)
     record: dict[str, Any] = {"name": job.name, "output": str(job.out)}
     if job.gt is not None:
         gt = read_mask(job.gt) > 128
@@ -212,6 +243,61 @@ def _refine_job(refiner: Refiner, job: Job, scales: tuple[float, ...]) -> dict[s
         (iou_0, mba_0), (iou_1, mba_1) = (_summary([record[k]]) for k in ("before", "after"))
         print(f"{job.name}: IoU {iou_0:.4f} -> {iou_1:.4f}, mBA {mba_0:.4f} -> {mba_1:.4f}")
     return record
+
+
+def _groups(jobs: list[Job], budget: int) -> list[list[Job]]:
+    """Jobs sorted by size (so that shape buckets batch together), cut into groups of at
+    most `budget` image pixels (at least one job each)."""
+    groups: list[list[Job]] = []
+    total = budget
+    for job in sorted(jobs, key=lambda j: j.size):
+        pixels = job.size[0] * job.size[1]
+        if total + pixels > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(job)
+        total += pixels
+    return groups
+
+
+def _refine_group(refiner: Refiner, group: list[Job], scales: tuple[float, ...],
+                  skip: list[str] | None) -> list[dict[str, Any]]:
+    """Read and refine one group with `refine_batch`. With `skip` (a list), a job that fails
+    is appended to it and the others go on; without, the error propagates."""
+
+    def failed(job: Job, err: Exception) -> None:
+        if skip is None:
+            raise err
+        skip.append(f"{job.image}: {err}")
+
+    pairs = []
+    for job in group:
+        try:
+            pairs.append((job, read_image(job.image), read_mask(job.mask)))
+        except ValueError as err:
+            failed(job, err)
+    if not pairs:
+        return []
+    try:
+        probs = refiner.refine_batch([p[1] for p in pairs], [p[2] for p in pairs], scales)
+    except ValueError:
+        if skip is None:
+            raise
+        kept, probs = [], []  # find the culprit: one at a time
+        for job, image, mask in pairs:
+            try:
+                probs.append(refiner.refine(image, mask, scales))
+                kept.append((job, image, mask))
+            except ValueError as err:
+                failed(job, err)
+        pairs = kept
+    records = []
+    for (job, _, coarse), prob in zip(pairs, probs, strict=True):
+        try:
+            records.append(_record(job, coarse, prob))
+        except OSError as err:
+            failed(job, err)
+    return records
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -226,19 +312,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if problems and not (args.input_dir and args.skip_bad and jobs):
         raise InputError(problems)
     scales = tuple(args.scales)
-    refiner = Refiner.from_checkpoint(args.checkpoint)
+    if not args.no_cache:
+        enable_compilation_cache(Path(args.cache_dir).expanduser())
+    refiner = Refiner.from_checkpoint(args.checkpoint, dtype=args.dtype,
+                                      precision=args.precision)
+    skip = problems if args.input_dir and args.skip_bad else None
 
     from tqdm import tqdm
 
-    records: list[dict[str, Any]] = [{"skipped": p} for p in problems]
-    for job in tqdm(jobs, desc="refine", disable=len(jobs) == 1, file=sys.stderr):
-        try:
-            records.append(_refine_job(refiner, job, scales))
-        except (ValueError, OSError) as err:
-            if not args.input_dir or not args.skip_bad:
-                raise
-            problems.append(f"{job.image}: {err}")
-            records.append({"skipped": problems[-1]})
+    done: list[dict[str, Any]] = []
+    with tqdm(total=len(jobs), desc="refine", disable=len(jobs) == 1, file=sys.stderr) as bar:
+        for group in _groups(jobs, GROUP_PIXELS * jax.local_device_count()):
+            done += _refine_group(refiner, group, scales, skip)
+            bar.update(len(group))
+    order = {job.name: k for k, job in enumerate(jobs)}
+    records = sorted(done, key=lambda r: order[r["name"]]) + [{"skipped": p} for p in problems]
     scored = [r for r in records if "after" in r]
     if len(scored) > 1:
         (iou_0, mba_0), (iou_1, mba_1) = (
@@ -247,8 +335,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{len(scored)} images (dataset IoU, mean mBA): IoU {iou_0:.4f} -> {iou_1:.4f}, "
               f"mBA {mba_0:.4f} -> {mba_1:.4f}")
     if problems:
-        done = sum("output" in r for r in records)
-        print(f"refined {done} pair(s); skipped {len(problems)} problem(s):", file=sys.stderr)
+        print(f"refined {len(done)} pair(s); skipped {len(problems)} problem(s):",
+              file=sys.stderr)
         for line in problems:
             print(f"  {line}", file=sys.stderr)
     return records
@@ -276,6 +364,15 @@ def parse_args(argv: Sequence[str] | None = None,
     parser.add_argument("--scales", type=_positive_finite, nargs="+",
                         default=list(DEFAULT_SCALES),
                         help="multi-resolution schedule (default: 0.125 0.25 0.5 1.0)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (parameters stay float32; default float32)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                        help="float32 dot/convolution precision (default: the platform's; "
+                             "GPUs use TF32, 'highest' is full float32)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                        help=f"persistent compilation cache (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not use the persistent compilation cache")
     args = parser.parse_args(argv)
     single = [args.image, args.mask, args.out]
     if args.input_dir or args.output_dir:

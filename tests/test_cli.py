@@ -4,6 +4,10 @@ file names, atomic outputs, and the `jax-refine` console command."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +20,29 @@ from jax_refine.refine import Refiner, save_checkpoint
 from tests.test_refine import scene, small_model
 
 
+def tiny_checkpoint(directory):
+    """A small CRM checkpoint with seeded random weights; shapes from `jax.eval_shape`, so
+    nothing is compiled (an initialisation compiles for tens of seconds on a loaded CPU)."""
+    model = small_model()
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+    q = jax.ShapeDtypeStruct((1, 4, 2), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, m, q, q)
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("var", "scale"):
+            return np.ones(leaf.shape, np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    return save_checkpoint(directory, model, variables)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = small_model()
-    x = jnp.zeros((1, 32, 32, 3))
-    q = jnp.zeros((1, 4, 2))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, x[..., :1], q, q)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", model, variables)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "small")
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +116,10 @@ def test_scales_must_be_finite_and_positive(pair, tmp_path, capsys, scale):
 
 
 def _mixed_folder(directory):
-    """Two good pairs (one with [brackets] in its name) and three bad ones."""
+    """A good pair with [brackets] in its name, and three bad ones. (One good pair of the
+    size of `pair`, so that the module compiles one program.)"""
     directory.mkdir()
     _pair(directory, "good[1]", seed=1)
-    _pair(directory, "good2", size=(20, 22), seed=2)
     _pair(directory, "wrongsize", mask_size=(10, 10))
     Image.fromarray(scene(8, 8)[0]).save(directory / "nomask_im.png")
     (directory / "corrupt_im.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -124,16 +144,17 @@ def test_folder_reports_every_bad_pair_before_compute(no_model, tmp_path, capsys
 def test_folder_skip_bad_refines_the_good_pairs(shared, tmp_path, capsys):
     _mixed_folder(tmp_path / "in")
     args = ["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
-            "--output-dir", str(tmp_path / "out"), "--scales", "1.0", "--skip-bad"]
+            "--output-dir", str(tmp_path / "out"), "--scales", "1.0", "--skip-bad",
+            "--no-cache"]
     records = cli.run(cli.parse_args(args))
     captured = capsys.readouterr()
-    assert _files(tmp_path / "out") == ["good2_refined.png", "good[1]_refined.png"]
-    assert [r["name"] for r in records if "output" in r] == ["good2", "good[1]"]
+    assert _files(tmp_path / "out") == ["good[1]_refined.png"]
+    assert [r["name"] for r in records if "output" in r] == ["good[1]"]
     assert sum("skipped" in r for r in records) == 3
-    assert "refined 2 pair(s); skipped 3 problem(s)" in captured.err
-    assert "2 images (dataset IoU, mean mBA): IoU 1.0000 ->" in captured.out
-    refined = np.asarray(Image.open(tmp_path / "out" / "good2_refined.png"))
-    assert refined.shape == (20, 22) and set(np.unique(refined)) <= {0, 255}
+    assert "refined 1 pair(s); skipped 3 problem(s)" in captured.err
+    assert "good[1]: IoU 1.0000 ->" in captured.out
+    refined = np.asarray(Image.open(tmp_path / "out" / "good[1]_refined.png"))
+    assert refined.shape == (24, 28) and set(np.unique(refined)) <= {0, 255}
 
 
 def test_palette_ground_truth_and_overwrite(shared, pair, tmp_path, capsys, monkeypatch):
@@ -142,7 +163,7 @@ def test_palette_ground_truth_and_overwrite(shared, pair, tmp_path, capsys, monk
     gt.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
     gt.save(tmp_path / "gt_palette.png")
     args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
-            "--gt", str(tmp_path / "gt_palette.png"), "--scales", "1.0"]
+            "--gt", str(tmp_path / "gt_palette.png"), "--scales", "1.0", "--no-cache"]
     assert cli.main(args + ["--out", str(pair[1]), "--overwrite"]) == 0
     assert "im: IoU 1.0000 ->" in capsys.readouterr().out  # the palette GT read as labels
     assert set(np.unique(np.asarray(Image.open(pair[1])))) <= {0, 255}
@@ -184,3 +205,51 @@ def test_output_folder_must_be_writable(no_model, tmp_path, capsys, monkeypatch)
             str(locked / "out")]
     assert cli.main(args) == 1
     assert f"{locked / 'out' / 'a_refined.png'} is not writable" in capsys.readouterr().err
+
+
+def test_dtype_and_precision_reach_the_refiner(monkeypatch, refiner, pair, tmp_path):
+    seen = {}
+
+    def from_checkpoint(directory, **kwargs):
+        seen.update(kwargs)
+        return refiner
+
+    monkeypatch.setattr(cli.Refiner, "from_checkpoint", from_checkpoint)
+    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+            "--out", str(tmp_path / "o.png"), "--scales", "1.0", "--no-cache",
+            "--dtype", "bfloat16", "--precision", "highest"]
+    assert cli.main(args) == 0
+    assert seen == {"dtype": "bfloat16", "precision": "highest"}
+    defaults = cli.parse_args(args[:-4])
+    assert (defaults.dtype, defaults.precision, defaults.no_cache) == ("float32", None, True)
+    assert cli.parse_args(args[:-5]).cache_dir == "~/.cache/jax_refine"
+
+
+def test_second_process_uses_the_compilation_cache(tmp_path):
+    """End to end, a second process with the same --cache-dir is >= 1.7x faster than the
+    first (it loads the compiled programs instead of compiling them; both still import JAX,
+    load the checkpoint and trace). Wall times of whole subprocesses; on a loaded machine a
+    slow second run is measured once more before failing."""
+    root = Path(__file__).resolve().parent.parent
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    image, mask = scene(40, 48)
+    Image.fromarray(image).save(tmp_path / "im.png")
+    Image.fromarray(mask).save(tmp_path / "seg.png")
+
+    def run(k):
+        command = [sys.executable, "-m", "jax_refine.cli", "--checkpoint", str(checkpoint),
+                   "--image", str(tmp_path / "im.png"), "--mask", str(tmp_path / "seg.png"),
+                   "--out", str(tmp_path / f"out{k}.png"), "--scales", "1.0",
+                   "--cache-dir", str(tmp_path / "cache")]
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return time.perf_counter() - start
+
+    first, second = run(0), run(1)
+    assert any((tmp_path / "cache").iterdir())
+    if first < 1.7 * second:
+        second = min(second, run(2))
+    assert first >= 1.7 * second, f"first {first:.1f} s, second {second:.1f} s"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out0.png")),
+                                  np.asarray(Image.open(tmp_path / "out1.png")))

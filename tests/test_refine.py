@@ -174,7 +174,7 @@ def test_command_line_folder_and_pair(checkpoint, tmp_path, capsys):
         Image.fromarray(mask).save(data / f"s{i}_seg.png")
         Image.fromarray(mask).save(data / f"s{i}_gt.png")
     out = tmp_path / "out"
-    args = ["--checkpoint", str(checkpoint), "--scales", "0.5", "1.0"]
+    args = ["--checkpoint", str(checkpoint), "--scales", "0.5", "1.0", "--no-cache"]
     records = refine_mod.run(
         refine_mod.parse_args(args + ["--input-dir", str(data), "--output-dir", str(out)])
     )
