@@ -95,9 +95,11 @@ def pair(tmp_path):
     (["--out", "{d}/seg.png", "--gt", "{d}/seg.png"], "is one of the inputs"),
     (["--out", "{d}/im.jpg/x.png"], "is not a directory"),
     (["--mask", "{d}/small.png"], "sizes differ"),
+    (["--image", "{d}/bad.png"], "cannot read image"),
 ])
 def test_single_pair_checks_before_compute(no_model, pair, tmp_path, capsys, extra, message):
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
     before = _files(tmp_path)
     args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
             "--out", str(tmp_path / "o" / "out.png")]
@@ -253,3 +255,39 @@ def test_second_process_uses_the_compilation_cache(tmp_path):
     assert first >= 1.7 * second, f"first {first:.1f} s, second {second:.1f} s"
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out0.png")),
                                   np.asarray(Image.open(tmp_path / "out1.png")))
+
+
+def test_folder_summary_and_probability_outputs(shared, tmp_path, capsys, monkeypatch):
+    # Groups of one image: the batch-of-one program the other tests compiled is reused.
+    monkeypatch.setattr(cli, "GROUP_PIXELS", 1)
+    data = tmp_path / "big"
+    data.mkdir()
+    for i, size in enumerate([(37, 53), (40, 41)]):
+        image, mask = scene(*size, seed=10 + i)
+        Image.fromarray(image).save(data / f"s{i}_im.jpg")
+        Image.fromarray(mask).save(data / f"s{i}_seg.png")
+        Image.fromarray(mask).save(data / f"s{i}_gt.png")
+    out = tmp_path / "out"
+    args = ["--checkpoint", "unused", "--scales", "1.0", "--no-cache"]
+    records = cli.run(
+        cli.parse_args(args + ["--input-dir", str(data), "--output-dir", str(out), "--save-prob"])
+    )
+    printed = capsys.readouterr().out
+    assert "s0: IoU 1.0000 ->" in printed
+    assert [r["name"] for r in records] == ["s0", "s1"]  # folder order, whatever the groups
+    # The folder summary is the reference protocol: sum of intersections / sum of unions.
+    inter = sum(r["after"][0] for r in records)
+    union = sum(r["after"][1] for r in records)
+    assert f"2 images (dataset IoU, mean mBA): IoU 1.0000 -> {inter / union:.4f}" in printed
+    refined = np.asarray(Image.open(out / "s1_refined.png"))
+    assert refined.shape == (40, 41) and refined.dtype == np.uint8
+    assert set(np.unique(refined)) <= {0, 255}
+    assert np.asarray(Image.open(out / "s1_refined_prob.png")).dtype == np.uint8
+
+
+def test_command_line_requires_a_mode():
+    for args in (["--image", "a.png"], ["--input-dir", "in"],
+                 ["--input-dir", "in", "--output-dir", "o", "--image", "a.png"],
+                 ["--image", "a.png", "--mask", "m.png", "--out", "o.png", "--skip-bad"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--checkpoint", "c"] + args)
