@@ -13,7 +13,8 @@ as the parity tests use). Compiled programs are kept in JAX's persistent compila
 the same shape buckets starts at once. Folder mode refines with `Refiner.refine_batch` in
 groups of at most `GROUP_PIXELS` image pixels per local device (bounded host memory).
 
-Everything is checked before the model is loaded: every input is read (see `jax_refine.io`
+Everything is checked before the model is loaded: the checkpoint's config.json, every
+input is read (see `jax_refine.io`
 for how 16-bit, palette and label files are interpreted), image and mask sizes must agree,
 outputs must have an image extension, be writable and not overwrite an input (unless
 `--overwrite`), scales must be finite and positive. Folder mode reports every bad pair with
@@ -37,7 +38,14 @@ import jax
 import numpy as np
 
 from jax_refine.io import IMAGE_SUFFIXES, read_image, read_mask, write_image
-from jax_refine.refine import DEFAULT_SCALES, PRECISIONS, Refiner, enable_compilation_cache
+from jax_refine.models import checkpoint_dir
+from jax_refine.refine import (
+    CONFIG_FORMAT,
+    DEFAULT_SCALES,
+    PRECISIONS,
+    Refiner,
+    enable_compilation_cache,
+)
 
 DEFAULT_CACHE_DIR = "~/.cache/jax_refine"
 # Folder mode: image pixels per local device read and refined together (one refine_batch).
@@ -133,17 +141,23 @@ def _checked_job(job: Job, inputs: Sequence[Path], overwrite: bool) -> tuple[Job
     return dataclasses.replace(job, size=size), problems
 
 
-def _cache_problems(args: argparse.Namespace) -> list[str]:
+def _setup_problems(args: argparse.Namespace) -> list[str]:
+    """Problems of the checkpoint's config.json and of the compilation cache folder."""
+    problems = []
+    try:
+        checkpoint_dir.read_config(args.checkpoint, CONFIG_FORMAT)
+    except (ValueError, OSError) as err:
+        problems.append(f"--checkpoint: {err}")
     if args.no_cache:
-        return []
+        return problems
     directory = Path(args.cache_dir).expanduser()
     ancestor = directory
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        return [f"--cache-dir {directory}: cannot be created or written ({ancestor}); "
-                f"pass another folder or --no-cache"]
-    return []
+        problems.append(f"--cache-dir {directory}: cannot be created or written ({ancestor}); "
+                        f"pass another folder or --no-cache")
+    return problems
 
 
 def _entries(directory: Path) -> dict[str, list[Path]]:
@@ -168,7 +182,6 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
                   Path(args.gt) if args.gt else None, out, prob)
         job, problems = _checked_job(job, [p for p in (job.image, job.mask, job.gt) if p],
                                      overwrite)
-        problems += _cache_problems(args)
         return ([], problems) if problems else ([job], [])
 
     in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
@@ -176,7 +189,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         return [], [f"input folder {in_dir} does not exist or is not a folder"]
     by_stem = _entries(in_dir)
     inputs = [p for paths in by_stem.values() for p in paths]
-    jobs, problems = [], _cache_problems(args)
+    jobs, problems = [], []
     for stem, paths in by_stem.items():
         if not stem.endswith("_im"):
             continue
@@ -308,9 +321,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     {'skipped': reason}). Refined pairs are recorded as {'name', 'output'[, 'before',
     'after']} with the (intersection, union, mBA) terms when a ground truth is given.
     """
+    setup = _setup_problems(args)
     jobs, problems = plan(args)
-    if problems and not (args.input_dir and args.skip_bad and jobs):
-        raise InputError(problems)
+    if setup or (problems and not (args.input_dir and args.skip_bad and jobs)):
+        raise InputError(setup + problems)
     scales = tuple(args.scales)
     if not args.no_cache:
         enable_compilation_cache(Path(args.cache_dir).expanduser())

@@ -96,12 +96,17 @@ def pair(tmp_path):
     (["--out", "{d}/im.jpg/x.png"], "is not a directory"),
     (["--mask", "{d}/small.png"], "sizes differ"),
     (["--image", "{d}/bad.png"], "cannot read image"),
+    (["--checkpoint", "{d}"], "(no config.json)"),
+    (["--checkpoint", "{d}/ckpt_bad"], "ckpt_bad/config.json: invalid JSON at line 1"),
 ])
-def test_single_pair_checks_before_compute(no_model, pair, tmp_path, capsys, extra, message):
+def test_single_pair_checks_before_compute(checkpoint, no_model, pair, tmp_path, capsys, extra,
+                                           message):
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "ckpt_bad").mkdir()
+    (tmp_path / "ckpt_bad" / "config.json").write_text('{"format": "jax_refine.crm",')
     before = _files(tmp_path)
-    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+    args = ["--checkpoint", str(checkpoint), "--image", str(pair[0]), "--mask", str(pair[1]),
             "--out", str(tmp_path / "o" / "out.png")]
     assert cli.main(args + [a.format(d=tmp_path) for a in extra]) == 1
     assert message in capsys.readouterr().err
@@ -129,9 +134,9 @@ def _mixed_folder(directory):
     return ["wrongsize_im.png", "nomask_im.png", "corrupt_im.png"]
 
 
-def test_folder_reports_every_bad_pair_before_compute(no_model, tmp_path, capsys):
+def test_folder_reports_every_bad_pair_before_compute(checkpoint, no_model, tmp_path, capsys):
     bad = _mixed_folder(tmp_path / "in")
-    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+    args = ["--checkpoint", str(checkpoint), "--input-dir", str(tmp_path / "in"),
             "--output-dir", str(tmp_path / "out")]
     assert cli.main(args) == 1
     err = capsys.readouterr().err
@@ -143,9 +148,9 @@ def test_folder_reports_every_bad_pair_before_compute(no_model, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_folder_skip_bad_refines_the_good_pairs(shared, tmp_path, capsys):
+def test_folder_skip_bad_refines_the_good_pairs(checkpoint, shared, tmp_path, capsys):
     _mixed_folder(tmp_path / "in")
-    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+    args = ["--checkpoint", str(checkpoint), "--input-dir", str(tmp_path / "in"),
             "--output-dir", str(tmp_path / "out"), "--scales", "1.0", "--skip-bad",
             "--no-cache"]
     records = cli.run(cli.parse_args(args))
@@ -159,12 +164,13 @@ def test_folder_skip_bad_refines_the_good_pairs(shared, tmp_path, capsys):
     assert refined.shape == (24, 28) and set(np.unique(refined)) <= {0, 255}
 
 
-def test_palette_ground_truth_and_overwrite(shared, pair, tmp_path, capsys, monkeypatch):
+def test_palette_ground_truth_and_overwrite(checkpoint, shared, pair, tmp_path, capsys,
+                                            monkeypatch):
     labels = (np.asarray(Image.open(pair[1])) > 128).astype(np.uint8)
     gt = Image.fromarray(labels, mode="P")
     gt.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
     gt.save(tmp_path / "gt_palette.png")
-    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+    args = ["--checkpoint", str(checkpoint), "--image", str(pair[0]), "--mask", str(pair[1]),
             "--gt", str(tmp_path / "gt_palette.png"), "--scales", "1.0", "--no-cache"]
     assert cli.main(args + ["--out", str(pair[1]), "--overwrite"]) == 0
     assert "im: IoU 1.0000 ->" in capsys.readouterr().out  # the palette GT read as labels
@@ -197,19 +203,19 @@ def test_console_command_dispatches(capsys):
         assert f"usage: jax-refine {command}" in capsys.readouterr().out
 
 
-def test_output_folder_must_be_writable(no_model, tmp_path, capsys, monkeypatch):
+def test_output_folder_must_be_writable(checkpoint, no_model, tmp_path, capsys, monkeypatch):
     _pair(tmp_path, "a")
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(cli.os, "access", lambda p, mode: real(p, mode) and p != locked)
-    args = ["--checkpoint", "unused", "--input-dir", str(tmp_path), "--output-dir",
+    args = ["--checkpoint", str(checkpoint), "--input-dir", str(tmp_path), "--output-dir",
             str(locked / "out")]
     assert cli.main(args) == 1
     assert f"{locked / 'out' / 'a_refined.png'} is not writable" in capsys.readouterr().err
 
 
-def test_dtype_and_precision_reach_the_refiner(monkeypatch, refiner, pair, tmp_path):
+def test_dtype_and_precision_reach_the_refiner(checkpoint, monkeypatch, refiner, pair, tmp_path):
     seen = {}
 
     def from_checkpoint(directory, **kwargs):
@@ -217,7 +223,7 @@ def test_dtype_and_precision_reach_the_refiner(monkeypatch, refiner, pair, tmp_p
         return refiner
 
     monkeypatch.setattr(cli.Refiner, "from_checkpoint", from_checkpoint)
-    args = ["--checkpoint", "unused", "--image", str(pair[0]), "--mask", str(pair[1]),
+    args = ["--checkpoint", str(checkpoint), "--image", str(pair[0]), "--mask", str(pair[1]),
             "--out", str(tmp_path / "o.png"), "--scales", "1.0", "--no-cache",
             "--dtype", "bfloat16", "--precision", "highest"]
     assert cli.main(args) == 0
@@ -257,7 +263,7 @@ def test_second_process_uses_the_compilation_cache(tmp_path):
                                   np.asarray(Image.open(tmp_path / "out1.png")))
 
 
-def test_folder_summary_and_probability_outputs(shared, tmp_path, capsys, monkeypatch):
+def test_folder_summary_and_probability_outputs(checkpoint, shared, tmp_path, capsys, monkeypatch):
     # Groups of one image: the batch-of-one program the other tests compiled is reused.
     monkeypatch.setattr(cli, "GROUP_PIXELS", 1)
     data = tmp_path / "big"
@@ -268,7 +274,7 @@ def test_folder_summary_and_probability_outputs(shared, tmp_path, capsys, monkey
         Image.fromarray(mask).save(data / f"s{i}_seg.png")
         Image.fromarray(mask).save(data / f"s{i}_gt.png")
     out = tmp_path / "out"
-    args = ["--checkpoint", "unused", "--scales", "1.0", "--no-cache"]
+    args = ["--checkpoint", str(checkpoint), "--scales", "1.0", "--no-cache"]
     records = cli.run(
         cli.parse_args(args + ["--input-dir", str(data), "--output-dir", str(out), "--save-prob"])
     )
