@@ -1,9 +1,13 @@
 """Command line: convert an official PyTorch checkpoint into a jax_refine checkpoint directory.
 
-    python -m jax_refine.convert crm CHECKPOINT.pth OUT_DIR
-    python -m jax_refine.convert pna CHECKPOINT.pth OUT_DIR [--pool-kernel-size 32 64]
+    jax-refine convert crm CHECKPOINT.pth OUT_DIR        (= python -m jax_refine.convert ...)
+    jax-refine convert pna CHECKPOINT.pth OUT_DIR [--pool-kernel-size 32 64]
 
-Both write OUT_DIR/config.json and OUT_DIR/variables/ (orbax). CRM: the format of
+Input files are never unpickled as arbitrary objects (`convert.common.read_checkpoint_file`:
+.pth weights-only, detectron2 .pkl through a numpy-only unpickler); empty, HTML and text
+files are named as such. Every converted tensor's shape is checked against the model before
+anything is written (each mismatch names the key, the expected and the found shape). Both
+write OUT_DIR/variables/ (orbax) first and OUT_DIR/config.json last, atomically. CRM: the format of
 `jax_refine.refine`, loadable with `Refiner.from_checkpoint(OUT_DIR)` and
 `python -m jax_refine.refine --checkpoint OUT_DIR ...`. PNA: the format of
 `jax_refine.models.pna.save_checkpoint`, loadable with `models.pna.load_checkpoint(OUT_DIR)`,
