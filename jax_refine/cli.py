@@ -13,19 +13,20 @@ as the parity tests use). Compiled programs are kept in JAX's persistent compila
 the same shape buckets starts at once. Folder mode refines with `Refiner.refine_batch` in
 groups of at most `GROUP_PIXELS` image pixels per local device (bounded host memory).
 
-Everything is checked before the model is loaded: the checkpoint's config.json, every
-input is read (see `jax_refine.io`
-for how 16-bit, palette and label files are interpreted), image and mask sizes must agree,
-outputs must have an image extension, be writable and not overwrite an input (unless
-`--overwrite`), scales must be finite and positive. Folder mode reports every bad pair with
-its path and stops, or with `--skip-bad` refines the good pairs and prints a summary of the
-skipped ones. Outputs are written atomically (temporary file + rename); a failed single-pair
-run leaves no output behind. File names are matched literally (no glob patterns).
+Everything is checked before the model is loaded: the checkpoint's config.json; every
+input is read (see `jax_refine.io` for how 16-bit, palette and label files are interpreted);
+image and mask sizes must agree; outputs must have an image extension, be writable and not
+overwrite an input (unless `--overwrite`); scales must be finite and positive. Folder mode
+reports every bad pair with its path and stops, or with `--skip-bad` refines the good pairs
+and prints a summary of the skipped ones. Outputs are written atomically (temporary file +
+rename); a failed single-pair run leaves no output behind. File names are matched literally
+(no glob patterns).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -86,25 +87,35 @@ def _positive_finite(text: str) -> float:
     return value
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+def _file_ids(paths: Sequence[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of the existing files among `paths` (to recognise the same file under
+    another name or through a link)."""
+    ids = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            ids.add((stat.st_dev, stat.st_ino))
+    return ids
 
 
-def _output_problems(path: Path, inputs: Sequence[Path], overwrite: bool) -> list[str]:
-    """Why `path` cannot be written as an output (extension, writability, an input)."""
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _output_problems(path: Path, inputs: set[tuple[int, int]], overwrite: bool) -> list[str]:
+    """Why `path` cannot be written as an output (extension, writability, one of `inputs`,
+    given as `_file_ids`)."""
     problems = []
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         problems.append(f"output {path}: unknown image extension {path.suffix!r} "
                         f"(use one of {', '.join(IMAGE_SUFFIXES)})")
-    if not overwrite and any(_same_file(path, p) for p in inputs):
+    if not overwrite and _file_ids([path]) & inputs:
         problems.append(f"output {path} is one of the inputs (pass --overwrite to replace it)")
     if path.is_dir():
         problems.append(f"output {path} is a directory")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(path.parent)
     if not ancestor.is_dir():
         problems.append(f"output {path}: {ancestor} is not a directory")
     elif not os.access(ancestor, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -130,14 +141,14 @@ def _read_problems(job: Job) -> tuple[list[str], tuple[int, int]]:
     return problems, sizes.get(job.image, (0, 0))
 
 
-def _checked_job(job: Job, inputs: Sequence[Path], overwrite: bool) -> tuple[Job, list[str]]:
-    """(the job with its size, every problem of its inputs and outputs)."""
+def _checked_job(job: Job, inputs: set[tuple[int, int]], overwrite: bool
+                 ) -> tuple[Job, list[str]]:
+    """(the job with its size, every problem of its inputs and of its outputs; `inputs`:
+    `_file_ids` of every input file)."""
     problems, size = _read_problems(job)
     for path in (job.out, job.prob):
         if path is not None:
             problems += _output_problems(path, inputs, overwrite)
-    if job.prob is not None and _same_file(job.prob, job.out):
-        problems.append(f"output {job.out}: its probability PNG would be written to itself")
     return dataclasses.replace(job, size=size), problems
 
 
@@ -151,9 +162,7 @@ def _setup_problems(args: argparse.Namespace) -> list[str]:
     if args.no_cache:
         return problems
     directory = Path(args.cache_dir).expanduser()
-    ancestor = directory
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(directory)
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         problems.append(f"--cache-dir {directory}: cannot be created or written ({ancestor}); "
                         f"pass another folder or --no-cache")
@@ -180,15 +189,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         prob = out.with_name(out.stem + "_prob.png") if args.save_prob else None
         job = Job(Path(args.image).stem, Path(args.image), Path(args.mask),
                   Path(args.gt) if args.gt else None, out, prob)
-        job, problems = _checked_job(job, [p for p in (job.image, job.mask, job.gt) if p],
-                                     overwrite)
+        job, problems = _checked_job(
+            job, _file_ids([p for p in (job.image, job.mask, job.gt) if p]), overwrite)
         return ([], problems) if problems else ([job], [])
 
     in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
     if not in_dir.is_dir():
         return [], [f"input folder {in_dir} does not exist or is not a folder"]
     by_stem = _entries(in_dir)
-    inputs = [p for paths in by_stem.values() for p in paths]
+    inputs = _file_ids([p for paths in by_stem.values() for p in paths])
     jobs, problems = [], []
     for stem, paths in by_stem.items():
         if not stem.endswith("_im"):
