@@ -67,13 +67,12 @@ def shared(monkeypatch, refiner):
 
 
 def _pair(directory, name, size=(24, 28), seed=0, mask_size=None):
+    """NAME_im.png, NAME_gt.png and NAME_seg.png (resized to `mask_size` if given)."""
     image, mask = scene(*size, seed=seed)
     Image.fromarray(image).save(directory / f"{name}_im.png")
-    mask_img = Image.fromarray(mask)
     Image.fromarray(mask).save(directory / f"{name}_gt.png")
-    if mask_size is not None:
-        mask_img = mask_img.resize(mask_size[::-1])
-    mask_img.save(directory / f"{name}_seg.png")
+    coarse = Image.fromarray(mask)
+    (coarse.resize(mask_size[::-1]) if mask_size else coarse).save(directory / f"{name}_seg.png")
 
 
 def _files(directory):
