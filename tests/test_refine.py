@@ -1,14 +1,13 @@
-"""Refiner: accepted inputs, errors, sizes, compilation reuse, labels and the command line."""
+"""Refiner: accepted inputs, errors, sizes, compilation reuse and labels (the command line:
+tests/test_cli.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
-from jax_refine import cli as refine_mod
 from jax_refine.models.crm import CRM
-from jax_refine.refine import Refiner, save_checkpoint
+from jax_refine.refine import Refiner
 
 SCALES = (0.5, 1.0)
 
@@ -158,54 +157,3 @@ def test_refine_labels(refiner):
     for scales in ((), (0.5, -1.0)):  # checked up front, even for a one-class map
         with pytest.raises(ValueError, match="scales must be"):
             refiner.refine_labels(image, np.full((37, 53), 2), scales)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(small, tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", *small)
-
-
-def test_command_line_folder_and_pair(checkpoint, tmp_path, capsys):
-    data = tmp_path / "big"
-    data.mkdir()
-    for i, size in enumerate([(37, 53), (40, 41)]):
-        image, mask = scene(*size, seed=10 + i)
-        Image.fromarray(image).save(data / f"s{i}_im.jpg")
-        Image.fromarray(mask).save(data / f"s{i}_seg.png")
-        Image.fromarray(mask).save(data / f"s{i}_gt.png")
-    out = tmp_path / "out"
-    args = ["--checkpoint", str(checkpoint), "--scales", "0.5", "1.0"]
-    records = refine_mod.run(
-        refine_mod.parse_args(args + ["--input-dir", str(data), "--output-dir", str(out)])
-    )
-    printed = capsys.readouterr().out
-    assert "s0: IoU 1.0000 ->" in printed
-    # The folder summary is the reference protocol: sum of intersections / sum of unions.
-    inter = sum(r["after"][0] for r in records)
-    union = sum(r["after"][1] for r in records)
-    assert f"2 images (dataset IoU, mean mBA): IoU 1.0000 -> {inter / union:.4f}" in printed
-    refined = np.asarray(Image.open(out / "s1_refined.png"))
-    assert refined.shape == (40, 41) and refined.dtype == np.uint8
-    assert set(np.unique(refined)) <= {0, 255}
-
-    single = tmp_path / "single" / "r.png"
-    pair = ["--image", str(data / "s0_im.jpg"), "--mask", str(data / "s0_seg.png")]
-    assert refine_mod.main(args + pair + ["--out", str(single), "--save-prob"]) == 0
-    assert np.asarray(Image.open(single)).shape == (37, 53)
-    assert np.asarray(Image.open(single.with_name("r_prob.png"))).dtype == np.uint8
-
-
-def test_command_line_unreadable_file(checkpoint, tmp_path, capsys):
-    bad = tmp_path / "bad_im.png"
-    bad.write_bytes(b"not an image")
-    mask = tmp_path / "m.png"
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(mask)
-    args = ["--checkpoint", str(checkpoint), "--image", str(bad), "--mask", str(mask),
-            "--out", str(tmp_path / "o.png")]
-    assert refine_mod.main(args) == 1
-    assert str(bad) in capsys.readouterr().err
-
-
-def test_command_line_requires_a_mode(checkpoint):
-    with pytest.raises(SystemExit):
-        refine_mod.parse_args(["--checkpoint", str(checkpoint), "--image", "a.png"])
