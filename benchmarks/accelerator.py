@@ -45,6 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCALES = (0.125, 0.25, 0.5, 1.0)
+SMALL_SCALES = (0.5, 1.0)  # --small: fewer programs to compile on CPU
 FULL_SIZES = [(2048, 2048), (2160, 3840), (4000, 6000)]
 SMALL_SIZES = [(72, 96)]
 VARIANTS = {  # name -> Refiner keyword arguments
@@ -90,7 +91,7 @@ def make_inputs(directory: Path, small: bool) -> dict:
     # The folder: crops of the largest scene, sides drawn from 2K-4K (small: 40-70 px).
     rng = np.random.default_rng(7)
     big = np.load(scenes[-1])
-    lo, hi = (40, 70) if small else (2000, 4000)
+    lo, hi = (40, 60) if small else (2000, 4000)  # small: one shape bucket
     count = 3 if small else 20
     folder = []
     for k in range(count):
@@ -136,7 +137,8 @@ def worker_torch(args) -> dict:
 
     def refine(image, mask):
         im, seg = mirror.normalise(image, mask)
-        prob = mirror.refine_multiscale(model, im.to(device), seg.to(device), scales=SCALES)
+        prob = mirror.refine_multiscale(model, im.to(device), seg.to(device),
+                                         scales=args.scales)
         out = prob.cpu().numpy()
         sync()
         return out
@@ -185,12 +187,12 @@ def worker_jax(args) -> dict:
         image, mask = _load(path)
         traces = refiner.trace_count
         start = time.perf_counter()
-        prob = refiner.refine(image, mask, SCALES)
+        prob = refiner.refine(image, mask, args.scales)
         first = time.perf_counter() - start
         row = {"path": path, "first_call_seconds": first,
                "programs": refiner.trace_count - traces}
         if args.repeats:
-            row["seconds"] = _median_time(lambda i=image, m=mask: refiner.refine(i, m, SCALES),
+            row["seconds"] = _median_time(lambda i=image, m=mask: refiner.refine(i, m, args.scales),
                                           args.repeats)
         row["peak_bytes"] = peak()
         reference = Path(args.out) / f"ref_{Path(path).stem}.npy"
@@ -203,11 +205,11 @@ def worker_jax(args) -> dict:
         images = [_load(p) for p in args.folder]
         traces = refiner.trace_count
         start = time.perf_counter()
-        refiner.refine_batch([i for i, _ in images], [m for _, m in images], SCALES)
+        refiner.refine_batch([i for i, _ in images], [m for _, m in images], args.scales)
         out["folder_first_seconds"] = time.perf_counter() - start
         out["folder_programs"] = refiner.trace_count - traces
         start = time.perf_counter()
-        refiner.refine_batch([i for i, _ in images], [m for _, m in images], SCALES)
+        refiner.refine_batch([i for i, _ in images], [m for _, m in images], args.scales)
         out["folder_seconds"] = time.perf_counter() - start
     return out
 
@@ -225,17 +227,18 @@ def run_worker(kind: str, args: list[str], timeout: float) -> dict:
 # ----------------------------------------------------------------------------- sections
 
 
-def crm_section(small: bool, work: Path) -> list[dict]:
+def crm_section(small: bool, work: Path, variants: list[str]) -> list[dict]:
     inputs = make_inputs(work, small)
     cache = work / "jax_cache"
     repeats = "1" if small else "3"
     timeout = 600
+    scales = [str(s) for s in (SMALL_SCALES if small else SCALES)]
     common = ["--weights", inputs["weights"], "--out", str(work), "--cache-dir", str(cache),
-              "--scenes", *inputs["scenes"]]
+              "--scales", *scales, "--scenes", *inputs["scenes"]]
     ref = run_worker("torch", [*common, "--repeats", repeats, "--folder", *inputs["folder"]],
                      timeout)
     runs = {}
-    for variant in VARIANTS:
+    for variant in dict.fromkeys(["f32", *variants]):
         folder = ["--folder", *inputs["folder"]] if variant == "f32" else []
         try:
             runs[variant] = run_worker(
@@ -244,8 +247,7 @@ def crm_section(small: bool, work: Path) -> list[dict]:
             runs[variant] = {"error": str(err)[-500:]}
     # A fresh process, same cache: the first call of the first size loads its programs.
     try:
-        cached = run_worker("jax", ["--weights", inputs["weights"], "--out", str(work),
-                                    "--cache-dir", str(cache), "--scenes", inputs["scenes"][0],
+        cached = run_worker("jax", [*common[:-len(inputs["scenes"])], inputs["scenes"][0],
                                     "--variant", "f32", "--repeats", "0"], timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         cached = {"error": str(err)[-500:]}
@@ -300,8 +302,8 @@ def external_section(module: str, small: bool) -> list[dict]:
 
 SECTIONS = {
     "crm": crm_section,
-    "na": lambda small, work: external_section("accelerator_na", small),
-    "train": lambda small, work: external_section("accelerator_train", small),
+    "na": lambda small, work, variants: external_section("accelerator_na", small),
+    "train": lambda small, work, variants: external_section("accelerator_train", small),
 }
 
 
@@ -333,9 +335,12 @@ def main() -> None:
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--scenes", nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--folder", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="Refiner variants of the crm section")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--scales", type=float, nargs="+", default=SCALES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         result = worker_torch(args) if args.worker == "torch" else worker_jax(args)
@@ -349,7 +354,7 @@ def main() -> None:
         for name in args.sections:
             start = time.perf_counter()
             try:
-                rows = SECTIONS[name](args.small, Path(tmp))
+                rows = SECTIONS[name](args.small, Path(tmp), args.variants)
             except Exception:  # a broken section must not lose the others' figures
                 rows = [{"case": name, "error": traceback.format_exc()[-1500:]}]
             results[name] = rows

@@ -1,4 +1,4 @@
-"""Refiner: CRM inference on images of any size with bounded memory, and its command line.
+"""Refiner: CRM inference on images of any size, on the device end to end.
 
 `Refiner.refine` reproduces the reference's multi-resolution inference (`test.py`):
 normalise, reflect-pad by 32, then for each scale s resize image and current mask to
@@ -6,32 +6,38 @@ normalise, reflect-pad by 32, then for each scale s resize image and current mas
 encode, query every padded full-resolution pixel centre, and feed the probability back as
 the next mask ((p - 0.5) * 2); a mask with (m + 1).sum() < 2 yields zeros; crop the padding.
 
-Compilation is reused across images (shape buckets). Everything that depends on the exact
-image size — the align_corners=True resize weights, the valid size of every feature map,
-the query coordinates and nearest latent cells — is computed from the true sizes, passed as
-traced values or host-computed tables; only array *shapes* are bucketed:
+Device-resident cascade. Per batch of images, one explicit `jax.device_put` sends the uint8
+images, the masks and the small per-axis decoder tables; normalisation, reflect padding,
+every scale's resize, encode, decode, the empty-mask rule and the feedback run on the
+device; one explicit `jax.device_get` brings the probabilities back (`refine` passes under
+`jax.transfer_guard("disallow")`). The programs are one preparation program and one program
+per scale, jitted over a data-axis `Mesh` of the local devices (`shard_map`): `refine_batch`
+shards a batch over all devices, and each device refines its images one after another
+inside the program (`lax.map`), so its memory is one image's.
 
-* Encoder: inputs live in arrays whose sides are rounded up to a multiple of `bucket`; the
-  real data occupies the top-left block. The backbone zeroes the filler before every
-  spatial convolution and the max-pool (`resnet.mask_valid`), which is exactly PyTorch's
-  zero padding at the true border, so the valid block of every feature map equals the
-  unpadded computation; the fusion resizes read only valid cells.
-* Decoder: queries are processed in calls of R full rows (R * bucketed width ~
-  `chunk_queries`), one row per loop step inside the call (the 32-wide MLP stays in cache);
-  the number of real rows is a traced value, so filler rows cost nothing; filler columns
-  (< bucket) are computed and cropped. Per-row and per-column tables (nearest latent cell
-  for each shift, relative coordinate, coordinate) are computed on the host in float32
-  exactly as the reference does.
+Shape buckets. Everything that depends on the exact image size — the align_corners=True
+resize weights, the valid size of every feature map, the query coordinates and nearest
+latent cells — is computed from the true sizes (traced values, or host tables computed in
+float32 exactly as the reference does); only array *shapes* are bucketed (`bucket_side`):
+the real data occupies the top-left block, the backbone zeroes the filler before every
+spatial convolution and the max-pool (`resnet.mask_valid`), which is exactly PyTorch's zero
+padding at the true border, and the decoder skips filler rows (filler columns are computed
+and cropped). Images whose padded sizes fall into the same buckets share programs and give
+the same results as exact shapes (`bucket=None`), up to ~1 ulp where XLA vectorises other
+widths differently. On accelerators the ladder is coarse (8 sides per octave), so a folder
+of 2K-6K photos needs few programs; `enable_compilation_cache` keeps them across processes.
 
-A second image whose padded size stays within the same buckets therefore triggers no new
-compilation and gives the same result as an unbucketed run (`bucket=None` disables
-bucketing): the same float32 operations on the same values, up to ~1 ulp where XLA
-vectorises arrays of other widths differently.
+Backends. One code path; the loop shapes are chosen by the devices' platform while tracing
+(`jax.lax.platform_dependent` when exporting): XLA:CPU decodes one image row per loop step
+(the 32-wide MLP's intermediates stay in cache) and fuses 32 latent rows per band;
+GPUs/TPUs decode ~2^20 queries per step and fuse 256 rows per band. The fusion never holds
+the 256-channel latent at full size (`FusionHead.fuse_branches_project`); with the decoder's
+factorised first layer each query gathers 4 x 32 values instead of 4 x 256.
 
-Memory: the encoder's fusion runs in bands of latent rows (`CRM.encode_project`), so the
-256-channel latent never exists at full size; the decoder needs its output plus one row's
-intermediates (with the factorised first layer each query gathers 4 x 32 values instead of
-4 x 256).
+Precision and dtype. `dtype` is the compute dtype (parameters stay float32; the decoder's
+first-layer sum and the probabilities are float32); `precision` None is the platform's
+default for float32 dots and convolutions (TF32 on recent NVIDIA GPUs, as the reference's
+PyTorch defaults for convolutions), "highest" full float32 (what the parity tests use).
 
 Checkpoint directory format (written by `save_checkpoint`, `python -m jax_refine.convert
 crm`, and later by training):
@@ -192,7 +198,7 @@ def bucket_side(n: int, bucket: int | str | None) -> int:
     """
     if bucket is None:
         return n
-    step = max(64, 1 << (max(n - 1, 1).bit_length() - 4)) if bucket == "ladder" else bucket
+    step = max(64, 1 << max(0, (n - 1).bit_length() - 4)) if bucket == "ladder" else bucket
     return max(step, -(-n // step) * step)
 
 
@@ -255,7 +261,7 @@ class Refiner:
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        accelerator = jax.default_backend() != "cpu"
+        accelerator = jax.local_devices()[0].platform != "cpu"
         if bucket == "auto":
             bucket = "ladder" if accelerator else 64
         if not (bucket is None or bucket == "ladder" or (isinstance(bucket, int) and bucket > 0)):
@@ -268,6 +274,7 @@ class Refiner:
         default_pixels = ACCELERATOR_BATCH_PIXELS if accelerator else CPU_BATCH_PIXELS
         self.batch_pixels = int(batch_pixels or default_pixels)
         self.trace_count = 0
+        self._platform = jax.local_devices()[0].platform
         self._programs: dict[int, tuple[Any, Any, Any, Any]] = {}
 
     @classmethod
@@ -377,7 +384,7 @@ class Refiner:
             for s in scales:
                 step = jax.tree.map(spec, self._scale_tables(sizes, s, rows_len, shape[1]))
                 programs.append(export(scale_step)(variables, image, prob, step,
-                                                   length=self._lengths(shape, s)))
+                                                   length=self._lengths(shape, s), platform=None))
         return programs
 
     # -- validation --
@@ -465,7 +472,8 @@ class Refiner:
             image, prob = prepare(image, unit, sizes)
             probs = []
             for s, step in zip(scales, steps, strict=True):
-                prob = scale_step(variables, image, prob, step, length=self._lengths(shape, s))
+                prob = scale_step(variables, image, prob, step, length=self._lengths(shape, s),
+                                  platform=self._platform)
                 probs.append(prob)
         return jax.device_get(probs if keep_steps else probs[-1:])
 
@@ -509,15 +517,15 @@ class Refiner:
                 return jax.shard_map(self._prepare_impl, mesh=mesh, in_specs=data, check_vma=False,
                                      out_specs=data)(image, unit, sizes)
 
-            def scale_step(variables, image, prob, step, *, length):
-                impl = functools.partial(self._scale_impl, length=length)
+            def scale_step(variables, image, prob, step, *, length, platform):
+                impl = functools.partial(self._scale_impl, length=length, platform=platform)
                 return jax.shard_map(impl, mesh=mesh, in_specs=(replicated, data, data, data),
                                      out_specs=data, check_vma=False)(variables, image, prob, step)
 
             self._programs[used] = (
                 variables,
                 jax.jit(prepare),
-                jax.jit(scale_step, static_argnames=("length",)),
+                jax.jit(scale_step, static_argnames=("length", "platform")),
                 NamedSharding(mesh, data),
             )
         return self._programs[used]
@@ -537,9 +545,12 @@ class Refiner:
 
         return jax.vmap(one)(image, unit, sizes)
 
-    def _scale_impl(self, variables, image, prob, step, *, length):
+    def _scale_impl(self, variables, image, prob, step, *, length, platform):
         """One scale of the cascade for a batch: probabilities [B, Hb, Wb] from the previous
-        ones (or the coarse mask), feeding back (p - 0.5) * 2 as the reference does."""
+        ones (or the coarse mask), feeding back (p - 0.5) * 2 as the reference does.
+
+        platform: the devices' platform, which picks the loop shapes while tracing; None
+        traces both and lets `jax.lax.platform_dependent` pick at lowering (export)."""
         self.trace_count += 1
         model = self.model
         hb, wb = image.shape[1:3]
@@ -568,10 +579,12 @@ class Refiner:
                         rows_per_step=rows_per_step, num_rows=sizes[0], method=CRM.decode_grid,
                     )
 
-                logits = jax.lax.platform_dependent(
-                    cpu=lambda: fuse_decode(CPU_BAND_ROWS, 1),
-                    default=lambda: fuse_decode(ACCELERATOR_BAND_ROWS, rows_per_block),
-                )
+                cpu = lambda: fuse_decode(CPU_BAND_ROWS, 1)
+                accelerator = lambda: fuse_decode(ACCELERATOR_BAND_ROWS, rows_per_block)
+                if platform is None:
+                    logits = jax.lax.platform_dependent(cpu=cpu, default=accelerator)
+                else:
+                    logits = cpu() if platform == "cpu" else accelerator()
                 return jax.nn.sigmoid(logits[:hb])
 
             return jax.lax.cond(empty, lambda: jnp.zeros((hb, wb), jnp.float32), refine_scale)
