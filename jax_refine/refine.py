@@ -50,9 +50,11 @@ crm`, and later by training):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -276,6 +278,7 @@ class Refiner:
         self.trace_count = 0
         self._platform = jax.local_devices()[0].platform
         self._programs: dict[int, tuple[Any, Any, Any, Any]] = {}
+        self._compiled: dict[tuple, Any] = {}
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> Refiner:
@@ -370,21 +373,12 @@ class Refiner:
         can lower the GPU/TPU programs.
         """
         scales = self._checked_scales(scales)
-        shape = self._shape(size)
-        sizes = np.asarray([size], np.int32)
-        rows_len = -(-shape[0] // decode_block_rows(*shape)) * decode_block_rows(*shape)
-        spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
-        variables, prepare, scale_step, _ = self._program(1)
-        export = functools.partial(jax.export.export, platforms=tuple(platforms))
-        image = jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32)
-        prob = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-        with self._precision():
-            programs = [export(prepare)(jax.ShapeDtypeStruct((1, *shape, 3), jnp.uint8), prob,
-                                        spec(sizes))]
-            for s in scales:
-                step = jax.tree.map(spec, self._scale_tables(sizes, s, rows_len, shape[1]))
-                programs.append(export(scale_step)(variables, image, prob, step,
-                                                   length=self._lengths(shape, s), platform=None))
+        programs = []
+        for scale in (None, *scales):
+            program, args, static = self._program_inputs(1, self._shape(size), 1, scale, None)
+            with self._precision():
+                programs.append(jax.export.export(program, platforms=tuple(platforms))(
+                    *args, **static))
         return programs
 
     # -- validation --
@@ -431,33 +425,42 @@ class Refiner:
                 if min(round(hp * s), round(wp * s)) < 1:
                     raise ValueError(f"scale {s} gives an empty image for padded size "
                                      f"{(hp, wp)}")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (rgb, _) in enumerate(items):
-            groups.setdefault(self._shape(rgb.shape[:2]), []).append(i)
-        devices = jax.local_devices()
+        plans = self._plan([rgb.shape[:2] for rgb, _ in items])
+        self._compile([(used * per_used, shape, used) for _, shape, used, per_used in plans],
+                      scales)
         results: list[list[np.ndarray]] = [[] for _ in items]
+        for chunk, shape, used, per_used in plans:
+            # Filler entries have an empty mask: the empty-mask rule skips their work.
+            rgb, unit = items[chunk[-1]]
+            filler = [(rgb, np.zeros_like(unit))] * (per_used * used - len(chunk))
+            probs = self._run_batch([items[i] for i in chunk] + filler, shape, scales, used,
+                                    keep_steps)
+            for j, i in enumerate(chunk):
+                h, w = items[i][0].shape[:2]
+                results[i] = [p[j, PAD : PAD + h, PAD : PAD + w] for p in probs]
+        return results
+
+    def _plan(self, sizes: list[tuple[int, int]]) -> list[tuple[list[int], tuple, int, int]]:
+        """Batches for images of `sizes`: (indices, bucketed shape, devices used, images per
+        device: a power of two, so that few batch sizes are compiled)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(self._shape(size), []).append(i)
+        devices = jax.local_device_count()
+        plans = []
         for shape, members in groups.items():
-            per_device = max(1, self.batch_pixels // (shape[0] * shape[1]))
-            capacity = per_device * len(devices)
+            capacity = max(1, self.batch_pixels // (shape[0] * shape[1])) * devices
             for start in range(0, len(members), capacity):
                 chunk = members[start : start + capacity]
-                used = min(len(chunk), len(devices))
+                used = min(len(chunk), devices)
                 per_used = 1 << (math.ceil(len(chunk) / used) - 1).bit_length()
-                # Filler entries have an empty mask: the empty-mask rule skips their work.
-                rgb, unit = items[chunk[-1]]
-                filler = [(rgb, np.zeros_like(unit))] * (per_used * used - len(chunk))
-                probs = self._run_batch([items[i] for i in chunk] + filler, shape, scales, used,
-                                        keep_steps)
-                for j, i in enumerate(chunk):
-                    h, w = items[i][0].shape[:2]
-                    results[i] = [p[j, PAD : PAD + h, PAD : PAD + w] for p in probs]
-        return results
+                plans.append((chunk, shape, used, per_used))
+        return plans
 
     def _run_batch(self, items, shape, scales, used, keep_steps) -> list[np.ndarray]:
         """One batch of images of one bucket on `used` devices -> probabilities [B, Hb, Wb]
         after each scale (or the last); one explicit upload, one explicit download."""
         hb, wb = shape
-        rows_len = -(-hb // decode_block_rows(hb, wb)) * decode_block_rows(hb, wb)
         batch = len(items)
         image = np.zeros((batch, hb, wb, 3), np.uint8)
         unit = np.zeros((batch, hb, wb), np.float32)
@@ -465,17 +468,69 @@ class Refiner:
             image[j, : rgb.shape[0], : rgb.shape[1]] = rgb
             unit[j, : mask.shape[0], : mask.shape[1]] = mask
         sizes = np.asarray([rgb.shape[:2] for rgb, _ in items], np.int32)
-        steps = [self._scale_tables(sizes, s, rows_len, wb) for s in scales]
-        variables, prepare, scale_step, sharding = self._program(used)
+        steps = [self._scale_tables(sizes, s, self._rows_len(shape), wb) for s in scales]
+        variables, _, _, sharding = self._program(used)
         image, unit, sizes, steps = jax.device_put((image, unit, sizes, steps), sharding)
-        with self._precision():
-            image, prob = prepare(image, unit, sizes)
-            probs = []
-            for s, step in zip(scales, steps, strict=True):
-                prob = scale_step(variables, image, prob, step, length=self._lengths(shape, s),
-                                  platform=self._platform)
-                probs.append(prob)
+        prepare = self._compiled[self._key(batch, shape, used)]
+        image, prob = prepare(image, unit, sizes)
+        probs = []
+        for s, step in zip(scales, steps, strict=True):
+            prob = self._compiled[self._key(batch, shape, used, s)](variables, image, prob, step)
+            probs.append(prob)
         return jax.device_get(probs if keep_steps else probs[-1:])
+
+    # -- compilation: ahead of the run, in parallel --
+
+    def _key(self, batch: int, shape: tuple[int, int], used: int, scale: float | None = None):
+        """The compiled program's key: the preparation (scale None) or a scale's program."""
+        return (batch, shape, used, None if scale is None else self._lengths(shape, scale))
+
+    def _rows_len(self, shape: tuple[int, int]) -> int:
+        """Rows of the decoder's row tables: the bucket height rounded up to whole blocks."""
+        block = decode_block_rows(*shape)
+        return -(-shape[0] // block) * block
+
+    def _program_inputs(self, batch, shape, used, scale, platform):
+        """(jitted program, abstract arguments, static keywords) of the preparation (scale
+        None) or of a scale's program, for a batch of `batch` images of bucketed `shape`."""
+        hb, wb = shape
+        variables, prepare, scale_step, sharding = self._program(used)
+        spec = lambda *shape_dtype: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding)
+        if scale is None:
+            return prepare, (spec((batch, hb, wb, 3), jnp.uint8),
+                             spec((batch, hb, wb), jnp.float32), spec((batch, 2), jnp.int32)), {}
+        table = lambda length: (spec((batch, 2, length), jnp.int32),
+                                spec((batch, 2, length), jnp.float32),
+                                spec((batch, length), jnp.float32))
+        step = {"sizes": spec((batch, 4), jnp.int32), "rows": table(self._rows_len(shape)),
+                "cols": table(wb), "rel_cell": spec((batch, 2), jnp.float32)}
+        image, prob = spec((batch, hb, wb, 3), jnp.float32), spec((batch, hb, wb), jnp.float32)
+        static = {"length": self._lengths(shape, scale), "platform": platform}
+        return scale_step, (variables, image, prob, step), static
+
+    def _compile(self, batches: list[tuple[int, tuple[int, int], int]], scales) -> None:
+        """Compile the missing programs of `batches` ((batch size, shape, devices used)).
+
+        Tracing and lowering run here one after another; XLA's compilations run in parallel
+        threads (they release the GIL), so a folder of many shape buckets compiles in about
+        the time of its longest program per core.
+        """
+        lowered = {}
+        for batch, shape, used in batches:
+            for scale in (None, *scales):
+                key = self._key(batch, shape, used, scale)
+                if key not in self._compiled and key not in lowered:
+                    program, args, static = self._program_inputs(batch, shape, used, scale,
+                                                                 self._platform)
+                    with self._precision():
+                        lowered[key] = program.lower(*args, **static)
+        if len(lowered) > 1:
+            workers = min(len(lowered), os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                compiled = list(pool.map(lambda low: low.compile(), lowered.values()))
+        else:
+            compiled = [low.compile() for low in lowered.values()]
+        self._compiled.update(zip(lowered, compiled, strict=True))
 
     def _scale_tables(self, sizes: np.ndarray, scale: float, rows_len: int, width: int) -> dict:
         """Per image of the batch: the padded and scaled sizes and the decoder's grid tables
