@@ -1,0 +1,479 @@
+"""Fused 2D neighborhood attention (qk + rpb -> softmax -> av) as Pallas kernels.
+
+One kernel body per pass runs on GPU (Triton), TPU (Mosaic) and, in interpret mode, on CPU
+(tests). Semantics are those of `jax_refine.ops.neighborhood` (NATTEN 0.14.5's clamped windows,
+bias index = displacement / dilation + L - 1).
+
+Layout inside the kernels: `[B*d*d, heads, Hc, Wp, Dp]`. Dilation d is folded into the batch:
+the residue classes (i mod d, j mod d) are independent dilation-1 problems on maps of
+n_r = ceil((H - r) / d) rows (the classes of one map differ by at most one row/column); a class
+map is zero-padded to Hc = ceil(H / d) rows and Wp columns (a multiple of the query tile and at
+least the key span), D to a power of two >= 16. Padded keys lie in no window; padded queries
+are cropped and get a zero output gradient, so they add nothing to dk, dv or drpb.
+
+Forward (grid: class-batch, head, query row, column tile of Tw queries): the window of query
+row i covers key rows start(i) .. start(i) + L - 1 (one row of the same window for all queries
+of the row); the windows of Tw adjacent queries lie in a span of Sw >= Tw + L - 1 key columns.
+For each of the L key rows the kernel forms the dense [Tw, Sw] logits on-chip (q . k^T on the
+matrix unit, f32 accumulation), adds a precomputed bias-and-mask tile (rpb values at the
+displacement, a large negative number outside the window) and updates an online softmax. It
+writes the output and the per-query log-sum-exp, nothing else.
+
+Backward (flash-attention style, two kernels, probabilities recomputed from the lse):
+  dq kernel (same grid as forward): dq = scale * sum_a ds_a @ k_a, with ds = p * (dp - delta),
+  dp = do @ v^T, delta = sum(o * do); it also reduces ds by displacement into a per-program
+  [L, 2L-1] partial of drpb (summed over programs outside, a few floats per query).
+  dk/dv kernel (grid: class-batch, head, key row, column tile of Tk keys): loops over exactly
+  the query rows whose windows hold the key row, over a span of Sq >= Tk + 2(L-1) query
+  columns; dv = sum p^T @ do, dk = sum ds^T @ q_scaled.
+
+Tile sizes are chosen per backend inside one code path (`jax.lax.platform_dependent`):
+Triton needs power-of-two blocks and dot operands >= 16; Mosaic works on whole padded rows
+(Tw = Sw = Wp, so no dynamic sublane offsets) in 8 x 128 vector tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_NEG = -1e30  # Bias of keys outside a query's window (exp underflows to exactly 0).
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class _Geometry(NamedTuple):
+    """Static sizes of one call. Columns: query tile Tw, its key span Sw; key tile Tk, its
+    query span Sq (the dk/dv kernel)."""
+
+    B: int
+    H: int
+    W: int
+    heads: int
+    D: int
+    L: int
+    d: int
+    Hc: int  # rows of a residue-class map (ceil(H / d)).
+    Wc: int  # columns of a residue-class map (ceil(W / d)).
+    Wp: int  # padded columns.
+    Dp: int  # padded head dim.
+    Tw: int
+    Sw: int
+    Tk: int
+    Sq: int
+    backend: str  # "gpu" (Triton, also interpret) or "tpu" (Mosaic).
+
+    @property
+    def Fp(self) -> int:  # padded 2L-1 (bias displacements).
+        return _next_pow2(2 * self.L - 1)
+
+    @property
+    def Lp(self) -> int:
+        return _next_pow2(self.L)
+
+
+def _geometry(shape: tuple[int, ...], L: int, d: int, backend: str) -> _Geometry:
+    B, H, W, heads, D = shape
+    Hc, Wc = -(-H // d), -(-W // d)
+    Dp = max(16, _next_pow2(D))
+    if backend == "tpu":
+        Wp = -(-Wc // 8) * 8
+        Tw = Sw = Tk = Sq = Wp
+    else:
+        Tw = Tk = max(16, min(32, _next_pow2(Wc)))
+        Sw = _next_pow2(Tw + L - 1)
+        Sq = _next_pow2(Tk + 2 * (L - 1))
+        Wp = -(-max(Wc, Sw, Sq) // Tw) * Tw
+    return _Geometry(B, H, W, heads, D, L, d, Hc, Wc, Wp, Dp, Tw, Sw, Tk, Sq, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: [B, H, W, heads, D] <-> [B*d*d, heads, Hc, Wp, Dp].
+
+
+def _to_kernel(x: jax.Array, g: _Geometry) -> jax.Array:
+    B, H, W, h, D = x.shape
+    d = g.d
+    x = jnp.pad(x, ((0, 0), (0, g.Hc * d - H), (0, g.Wc * d - W), (0, 0), (0, 0)))
+    x = x.reshape(B, g.Hc, d, g.Wc, d, h, D).transpose(0, 2, 4, 5, 1, 3, 6)
+    x = x.reshape(B * d * d, h, g.Hc, g.Wc, D)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, g.Wp - g.Wc), (0, g.Dp - D)))
+
+
+def _from_kernel(x: jax.Array, g: _Geometry) -> jax.Array:
+    d = g.d
+    x = x[:, :, :, : g.Wc, : g.D].reshape(g.B, d, d, g.heads, g.Hc, g.Wc, g.D)
+    x = x.transpose(0, 4, 1, 5, 2, 3, 6).reshape(g.B, g.Hc * d, g.Wc * d, g.heads, g.D)
+    return x[:, : g.H, : g.W]
+
+
+def _class_lengths(length: int, d: int) -> np.ndarray:
+    """Members of each residue class r = 0..d-1 of an axis of `length`."""
+    return (length - np.arange(d) + d - 1) // d
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias-and-mask tables: [heads, Fp (row displacement e), d * n_tiles, rows, cols] float32.
+
+
+def _starts(pos: np.ndarray, n: int, L: int) -> np.ndarray:
+    """Window start (dilation 1, clamped) of positions `pos` on an axis of n."""
+    return np.clip(pos - L // 2, 0, n - L)
+
+
+def _bias_table(rpb: jax.Array, g: _Geometry, transposed: bool) -> jax.Array:
+    """Per residue class s of the columns and per column tile: the bias of (query column,
+    key column) pairs, rpb[h, e, kc - qc + L - 1] inside the query's window and _NEG outside.
+
+    Not transposed: tiles of Tw queries x their Sw-key span (forward and dq kernels).
+    Transposed: the Sq-query span x a tile of Tk keys, still queries x keys (dk/dv kernel).
+    """
+    L = g.L
+    qcs, kcs = [], []
+    for n in _class_lengths(g.W, g.d):
+        if not transposed:
+            for t in range(g.Wp // g.Tw):
+                qc = t * g.Tw + np.arange(g.Tw)
+                c0 = min(_starts(np.array(t * g.Tw), n, L), g.Wp - g.Sw)
+                qcs.append((qc, n))
+                kcs.append(c0 + np.arange(g.Sw))
+        else:
+            for t in range(g.Wp // g.Tk):
+                q0 = int(np.clip(t * g.Tk - (L - 1), 0, g.Wp - g.Sq))
+                qcs.append((q0 + np.arange(g.Sq), n))
+                kcs.append(t * g.Tk + np.arange(g.Tk))
+    f_idx, valid = [], []
+    for (qc, n), kc in zip(qcs, kcs, strict=True):
+        st = _starts(qc, n, L)[:, None]
+        valid.append((kc[None, :] >= st) & (kc[None, :] < st + L))
+        f_idx.append(np.clip(kc[None, :] - qc[:, None] + L - 1, 0, 2 * L - 2))
+    f_idx, valid = np.stack(f_idx), np.stack(valid)  # [n_var, rows, cols]
+    rpb = jnp.pad(rpb.astype(jnp.float32), ((0, 0), (0, g.Fp - (2 * L - 1)), (0, 0)))
+    table = rpb[:, :, f_idx]  # [h, Fp, n_var, rows, cols]
+    return jnp.where(valid, table, _NEG)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel index arithmetic (scalars from program ids; static Python ints otherwise).
+
+
+def _class_sizes(g: _Geometry):
+    """(rows n_r, columns n_c) of the residue class of this program's batch entry."""
+    bb = pl.program_id(0)
+    d = g.d
+    r = jax.lax.rem(jax.lax.div(bb, d), d)
+    s = jax.lax.rem(bb, d)
+    return jax.lax.div(g.H - r + d - 1, d), jax.lax.div(g.W - s + d - 1, d), s
+
+
+def _row_start(row, n_r, L: int):
+    return jnp.clip(row - L // 2, 0, n_r - L)
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    """float32 dots at full precision when the user asked for it (parity), else the default."""
+    want = jax.config.jax_default_matmul_precision
+    if jnp.dtype(dtype) == jnp.float32 and want in ("highest", "float32"):
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
+
+
+def _dot(a, b, prec, trans_a: bool = False, trans_b: bool = False):
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    return jax.lax.dot_general(
+        a, b, (dims, ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
+
+
+def _scaled(x, scale: float):
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, bt_ref, o_ref, lse_ref, *, g: _Geometry, scale: float):
+    """One row of Tw queries: online softmax over the L key rows of its window."""
+    n_r, n_c, _ = _class_sizes(g)
+    row, ct = pl.program_id(2), pl.program_id(3)
+    st = _row_start(row, n_r, g.L)
+    pb = st - row + g.L - 1
+    c0 = _span_start(ct, n_c, g)
+    prec = _precision(q_ref.dtype)
+    q = _scaled(q_ref[...], scale)
+
+    def body(a, carry):
+        m, l, acc = carry
+        k = k_ref[st + a, pl.ds(c0, g.Sw), :]
+        v = v_ref[st + a, pl.ds(c0, g.Sw), :]
+        s = _dot(q, k, prec, trans_b=True) + bt_ref[pb + a]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        corr = jnp.exp(m - m_new)
+        l = corr * l + jnp.sum(p, axis=1, keepdims=True)
+        acc = corr * acc + _dot(p.astype(v.dtype), v, prec)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((g.Tw, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((g.Tw, 1), jnp.float32),
+        jnp.zeros((g.Tw, g.Dp), jnp.float32),
+    )
+    m, l, acc = jax.lax.fori_loop(0, g.L, body, init)
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _span_start(ct, n_c, g: _Geometry):
+    """First key column of the Sw-span holding the windows of query tile ct."""
+    if g.Sw == g.Wp:
+        return 0
+    return jnp.minimum(jnp.clip(ct * g.Tw - g.L // 2, 0, n_c - g.L), g.Wp - g.Sw)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, bt_ref, do_ref, lse_ref, delta_ref, dq_ref, drpb_ref,
+    *, g: _Geometry, scale: float,
+):  # fmt: skip
+    """dq of one row of Tw queries and its partial drpb [Lp, Fp] (row a: key row st + a)."""
+    n_r, n_c, _ = _class_sizes(g)
+    row, ct = pl.program_id(2), pl.program_id(3)
+    st = _row_start(row, n_r, g.L)
+    pb = st - row + g.L - 1
+    c0 = _span_start(ct, n_c, g)
+    prec = _precision(q_ref.dtype)
+    q = _scaled(q_ref[...], scale)
+    do = do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    # Displacement index kc - qc + L - 1 of each (query, key) entry of the tile.
+    f_idx = (
+        jax.lax.broadcasted_iota(jnp.int32, (g.Tw, g.Sw), 1)
+        - jax.lax.broadcasted_iota(jnp.int32, (g.Tw, g.Sw), 0)
+        + (c0 - ct * g.Tw + g.L - 1)
+    )
+    f_lane = jax.lax.broadcasted_iota(jnp.int32, (1, g.Fp), 1)
+    drpb_ref[...] = jnp.zeros(drpb_ref.shape, drpb_ref.dtype)
+
+    def body(a, dq):
+        k = k_ref[st + a, pl.ds(c0, g.Sw), :]
+        v = v_ref[st + a, pl.ds(c0, g.Sw), :]
+        s = _dot(q, k, prec, trans_b=True) + bt_ref[pb + a]
+        p = jnp.exp(s - lse)
+        ds = p * (_dot(do, v, prec, trans_b=True) - delta)
+        by_f = jnp.zeros((1, g.Fp), jnp.float32)
+        for f in range(2 * g.L - 1):
+            part = jnp.sum(jnp.where(f_idx == f, ds, 0.0), axis=(0, 1), keepdims=True)
+            by_f = jnp.where(f_lane == f, part, by_f)
+        drpb_ref[pl.ds(a, 1), :] = by_f
+        return dq + _dot(ds.astype(k.dtype), k, prec)
+
+    dq = jax.lax.fori_loop(0, g.L, body, jnp.zeros((g.Tw, g.Dp), jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(
+    q_ref, k_ref, v_ref, bt_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, g: _Geometry, scale: float,
+):  # fmt: skip
+    """dk, dv of one row of Tk keys: loop over the query rows whose windows hold it."""
+    n_r, _, _ = _class_sizes(g)
+    kr, kt = pl.program_id(2), pl.program_id(3)
+    L, half = g.L, g.L // 2
+    q0 = 0 if g.Sq == g.Wp else jnp.clip(kt * g.Tk - (L - 1), 0, g.Wp - g.Sq)
+    prec = _precision(q_ref.dtype)
+    k, v = k_ref[...], v_ref[...]
+    # Query rows i with start(i) <= kr <= start(i) + L - 1 form the interval [lo, hi].
+    lo = jnp.where(kr <= L - 1, 0, kr - half)
+    hi = jnp.where(kr >= n_r - L, n_r - 1, kr + half)
+
+    def body(i, carry):
+        dk, dv = carry
+        q = _scaled(q_ref[i, pl.ds(q0, g.Sq), :], scale)
+        do = do_ref[i, pl.ds(q0, g.Sq), :]
+        lse = lse_ref[i, pl.ds(q0, g.Sq), :]
+        delta = delta_ref[i, pl.ds(q0, g.Sq), :]
+        s = _dot(q, k, prec, trans_b=True) + bt_ref[kr - i + L - 1]  # [Sq, Tk]
+        p = jnp.exp(s - lse)
+        dv = dv + _dot(p.astype(do.dtype), do, prec, trans_a=True)
+        ds = p * (_dot(do, v, prec, trans_b=True) - delta)
+        dk = dk + _dot(ds.astype(q.dtype), q, prec, trans_a=True)
+        return dk, dv
+
+    zeros = jnp.zeros((g.Tk, g.Dp), jnp.float32)
+    dk, dv = jax.lax.fori_loop(lo, hi + 1, body, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# pallas_call wrappers.
+
+
+def _compiler_params(g: _Geometry):
+    if g.backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
+        )
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _specs(g: _Geometry):
+    """BlockSpecs: a tile of one row, a whole map, a bias table, a per-query column."""
+    tile = pl.BlockSpec((None, None, None, g.Tw, g.Dp), lambda b, h, r, t: (b, h, r, t, 0))
+    full = pl.BlockSpec((None, None, g.Hc, g.Wp, g.Dp), lambda b, h, r, t: (b, h, 0, 0, 0))
+    per_query = pl.BlockSpec((None, None, None, g.Tw, 1), lambda b, h, r, t: (b, h, r, t, 0))
+    full_col = pl.BlockSpec((None, None, g.Hc, g.Wp, 1), lambda b, h, r, t: (b, h, 0, 0, 0))
+    n_t = g.Wp // g.Tw
+
+    def table(rows: int, cols: int):
+        return pl.BlockSpec(
+            (None, g.Fp, None, rows, cols),
+            lambda b, h, r, t: (h, 0, jax.lax.rem(b, g.d) * n_t + t, 0, 0),
+        )
+
+    return tile, full, per_query, full_col, table
+
+
+def _call(kernel, g: _Geometry, interpret: bool, in_specs, out_specs, out_shape, name: str):
+    return pl.pallas_call(
+        kernel,
+        grid=(g.B * g.d * g.d, g.heads, g.Hc, g.Wp // g.Tw),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if interpret else _compiler_params(g),
+        interpret=interpret,
+        name=name,
+    )
+
+
+def _forward(q, k, v, rpb, g: _Geometry, scale: float, interpret: bool):
+    """Kernel-layout forward: (o, lse [BB, h, Hc, Wp, 1] float32)."""
+    tile, full, per_query, _, table = _specs(g)
+    shape = q.shape
+    return _call(
+        functools.partial(_fwd_kernel, g=g, scale=scale),
+        g,
+        interpret,
+        [tile, full, full, table(g.Tw, g.Sw)],
+        [tile, per_query],
+        [
+            jax.ShapeDtypeStruct(shape, q.dtype),
+            jax.ShapeDtypeStruct(shape[:4] + (1,), jnp.float32),
+        ],
+        "na2d_fwd",
+    )(q, k, v, _bias_table(rpb, g, transposed=False))
+
+
+def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: bool):
+    """Kernel-layout gradients (dq, dk, dv) and drpb [h, 2L-1, 2L-1] float32."""
+    tile, full, per_query, full_col, table = _specs(g)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    n_t = g.Wp // g.Tw
+    drpb_spec = pl.BlockSpec((None, None, None, None, g.Lp, g.Fp), lambda b, h, r, t: (b, h, r, t, 0, 0))
+    dq, drpb_part = _call(
+        functools.partial(_dq_kernel, g=g, scale=scale),
+        g,
+        interpret,
+        [tile, full, full, table(g.Tw, g.Sw), tile, per_query, per_query],
+        [tile, drpb_spec],
+        [
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(q.shape[:3] + (n_t, g.Lp, g.Fp), jnp.float32),
+        ],
+        "na2d_bwd_dq",
+    )(q, k, v, _bias_table(rpb, g, transposed=False), do, lse, delta)
+    dk, dv = _call(
+        functools.partial(_dkdv_kernel, g=g, scale=scale),
+        g,
+        interpret,
+        [full, tile, tile, table(g.Sq, g.Tk), full, full_col, full_col],
+        [tile, tile],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        "na2d_bwd_dkdv",
+    )(q, k, v, _bias_table(rpb, g, transposed=True), do, lse, delta)
+    return dq, dk, dv, _drpb(drpb_part, g)
+
+
+def _drpb(part: jax.Array, g: _Geometry) -> jax.Array:
+    """[BB, h, Hc, n_t, Lp, Fp] partials (row a of query row i: row displacement
+    e = start(i) - i + L - 1 + a) -> drpb [h, 2L-1, 2L-1]."""
+    L, d, n = g.L, g.d, 2 * g.L - 1
+    part = part.sum(axis=3).reshape(g.B, d, d, g.heads, g.Hc, g.Lp, g.Fp).sum(axis=(0, 2))
+    one_hot = np.zeros((d, g.Hc, g.Lp, n), np.float32)  # [r, i, a, e]
+    for r, n_r in enumerate(_class_lengths(g.H, d)):
+        i = np.arange(n_r)
+        e0 = _starts(i, n_r, L) - i + L - 1
+        for a in range(L):
+            one_hot[r, i, a, e0 + a] = 1.0
+    drpb = jnp.einsum(
+        "rhiaf,riae->hef", part, one_hot, precision=jax.lax.Precision.HIGHEST
+    )
+    return drpb[:, :, :n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry: custom VJP over [B, H, W, heads, D] inputs, tiles chosen per backend.
+
+
+def _platform_call(fn, *args):
+    """Run fn(backend, interpret, *args) with the tiling of the platform it is lowered for."""
+    return jax.lax.platform_dependent(
+        *args,
+        tpu=functools.partial(fn, "tpu", False),
+        cuda=functools.partial(fn, "gpu", False),
+        rocm=functools.partial(fn, "gpu", False),
+        default=functools.partial(fn, "gpu", True),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def na2d_pallas(q, k, v, rpb, L: int, d: int, scale: float):
+    """Fused neighborhood attention; q, k, v `[B, H, W, heads, D]`, rpb `[heads, 2L-1, 2L-1]`.
+
+    Inputs are checked by the caller (`neighborhood.na2d`). Output in the dtype of q.
+    """
+    return _na2d_fwd(q, k, v, rpb, L, d, scale)[0]
+
+
+def _na2d_fwd(q, k, v, rpb, L, d, scale):
+    def run(backend, interpret, q, k, v, rpb):
+        g = _geometry(q.shape, L, d, backend)
+        o, lse = _forward(*(_to_kernel(x, g) for x in (q, k, v)), rpb, g, scale, interpret)
+        # lse back in the user layout [B, H, W, heads, 1]: backends differ in Wp.
+        return _from_kernel(o, g), _from_kernel(lse, g._replace(D=1, Dp=1))
+
+    out, lse = _platform_call(run, q, k, v, rpb)
+    return out, (q, k, v, rpb, out, lse)
+
+
+def _na2d_bwd(L, d, scale, res, g_out):
+    q, k, v, rpb, out, lse = res
+
+    def run(backend, interpret, q, k, v, rpb, out, lse, g_out):
+        g = _geometry(q.shape, L, d, backend)
+        to = functools.partial(_to_kernel, g=g)
+        lse_k = _to_kernel(lse, g._replace(D=1, Dp=1))
+        dq, dk, dv, drpb = _backward(
+            to(q), to(k), to(v), rpb, to(out), lse_k, to(g_out.astype(out.dtype)),
+            g, scale, interpret,
+        )  # fmt: skip
+        return _from_kernel(dq, g), _from_kernel(dk, g), _from_kernel(dv, g), drpb
+
+    dq, dk, dv, drpb = _platform_call(run, q, k, v, rpb, out, lse, g_out)
+    return dq, dk, dv, drpb.astype(rpb.dtype)
+
+
+na2d_pallas.defvjp(_na2d_fwd, _na2d_bwd)
