@@ -87,7 +87,7 @@ def _geometry(shape: tuple[int, ...], L: int, d: int, backend: str) -> _Geometry
         Wp = -(-Wc // 8) * 8
         Tw = Sw = Tk = Sq = Wp
     else:
-        Tw = Tk = max(16, min(32, _next_pow2(Wc)))
+        Tw = Tk = 16
         Sw = _next_pow2(Tw + L - 1)
         Sq = _next_pow2(Tk + 2 * (L - 1))
         Wp = -(-max(Wc, Sw, Sq) // Tw) * Tw
@@ -160,6 +160,33 @@ def _bias_table(rpb: jax.Array, g: _Geometry, transposed: bool) -> jax.Array:
     return jnp.where(valid, table, _NEG)
 
 
+def _bias_input(rpb: jax.Array, g: _Geometry, transposed: bool) -> jax.Array:
+    """What the kernels read the bias from: on TPU the tables above; on GPU rpb itself, padded
+    to [heads, Fp, Fp] float32 (the kernels gather from it and mask in registers)."""
+    if g.backend == "tpu":
+        return _bias_table(rpb, g, transposed)
+    pad = g.Fp - (2 * g.L - 1)
+    return jnp.pad(rpb.astype(jnp.float32), ((0, 0), (0, pad), (0, pad)))
+
+
+def _bias(bt_ref, e, qc, kc, n_c, g: _Geometry):
+    """Bias-and-mask tile [len(qc), len(kc)] of row displacement e for query columns qc [T, 1]
+    and key columns kc [1, S]: rpb[e, kc - qc + L - 1] inside each query's window, _NEG outside.
+    """
+    if g.backend == "tpu":
+        return bt_ref[e]
+    st = jnp.clip(qc - g.L // 2, 0, n_c - g.L)
+    shape = (qc.shape[0], kc.shape[1])
+    f = jnp.broadcast_to(jnp.clip(kc - qc + g.L - 1, 0, g.Fp - 1), shape)
+    return jnp.where((kc >= st) & (kc < st + g.L), bt_ref[e, f], _NEG)
+
+
+def _iota(n: int, axis: int, offset=0):
+    """[n, 1] (axis 0) or [1, n] (axis 1) int32 positions offset + 0..n-1."""
+    shape = (n, 1) if axis == 0 else (1, n)
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis) + offset
+
+
 # ---------------------------------------------------------------------------------------------
 # In-kernel index arithmetic (scalars from program ids; static Python ints otherwise).
 
@@ -207,6 +234,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, bt_ref, o_ref, lse_ref, *, g: _Geometry, sc
     st = _row_start(row, n_r, g.L)
     pb = st - row + g.L - 1
     c0 = _span_start(ct, n_c, g)
+    qc, kc = _iota(g.Tw, 0, ct * g.Tw), _iota(g.Sw, 1, c0)
     prec = _precision(q_ref.dtype)
     q = _scaled(q_ref[...], scale)
 
@@ -214,7 +242,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, bt_ref, o_ref, lse_ref, *, g: _Geometry, sc
         m, l, acc = carry
         k = k_ref[st + a, pl.ds(c0, g.Sw), :]
         v = v_ref[st + a, pl.ds(c0, g.Sw), :]
-        s = _dot(q, k, prec, trans_b=True) + bt_ref[pb + a]
+        s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, pb + a, qc, kc, n_c, g)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         p = jnp.exp(s - m_new)
         corr = jnp.exp(m - m_new)
@@ -253,19 +281,15 @@ def _dq_kernel(
     q = _scaled(q_ref[...], scale)
     do = do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    # Displacement index kc - qc + L - 1 of each (query, key) entry of the tile.
-    f_idx = (
-        jax.lax.broadcasted_iota(jnp.int32, (g.Tw, g.Sw), 1)
-        - jax.lax.broadcasted_iota(jnp.int32, (g.Tw, g.Sw), 0)
-        + (c0 - ct * g.Tw + g.L - 1)
-    )
+    qc, kc = _iota(g.Tw, 0, ct * g.Tw), _iota(g.Sw, 1, c0)
+    f_idx = kc - qc + g.L - 1  # [Tw, Sw] column displacement index of each entry
     f_lane = jax.lax.broadcasted_iota(jnp.int32, (1, g.Fp), 1)
     drpb_ref[...] = jnp.zeros(drpb_ref.shape, drpb_ref.dtype)
 
     def body(a, dq):
         k = k_ref[st + a, pl.ds(c0, g.Sw), :]
         v = v_ref[st + a, pl.ds(c0, g.Sw), :]
-        s = _dot(q, k, prec, trans_b=True) + bt_ref[pb + a]
+        s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, pb + a, qc, kc, n_c, g)
         p = jnp.exp(s - lse)
         ds = p * (_dot(do, v, prec, trans_b=True) - delta)
         by_f = jnp.zeros((1, g.Fp), jnp.float32)
@@ -284,10 +308,11 @@ def _dkdv_kernel(
     *, g: _Geometry, scale: float,
 ):  # fmt: skip
     """dk, dv of one row of Tk keys: loop over the query rows whose windows hold it."""
-    n_r, _, _ = _class_sizes(g)
+    n_r, n_c, _ = _class_sizes(g)
     kr, kt = pl.program_id(2), pl.program_id(3)
     L, half = g.L, g.L // 2
     q0 = 0 if g.Sq == g.Wp else jnp.clip(kt * g.Tk - (L - 1), 0, g.Wp - g.Sq)
+    qc, kc = _iota(g.Sq, 0, q0), _iota(g.Tk, 1, kt * g.Tk)
     prec = _precision(q_ref.dtype)
     k, v = k_ref[...], v_ref[...]
     # Query rows i with start(i) <= kr <= start(i) + L - 1 form the interval [lo, hi].
@@ -300,7 +325,7 @@ def _dkdv_kernel(
         do = do_ref[i, pl.ds(q0, g.Sq), :]
         lse = lse_ref[i, pl.ds(q0, g.Sq), :]
         delta = delta_ref[i, pl.ds(q0, g.Sq), :]
-        s = _dot(q, k, prec, trans_b=True) + bt_ref[kr - i + L - 1]  # [Sq, Tk]
+        s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, kr - i + L - 1, qc, kc, n_c, g)
         p = jnp.exp(s - lse)
         dv = dv + _dot(p.astype(do.dtype), do, prec, trans_a=True)
         ds = p * (_dot(do, v, prec, trans_b=True) - delta)
@@ -338,6 +363,8 @@ def _specs(g: _Geometry):
     n_t = g.Wp // g.Tw
 
     def table(rows: int, cols: int):
+        if g.backend != "tpu":
+            return pl.BlockSpec((None, g.Fp, g.Fp), lambda b, h, r, t: (h, 0, 0))
         return pl.BlockSpec(
             (None, g.Fp, None, rows, cols),
             lambda b, h, r, t: (h, 0, jax.lax.rem(b, g.d) * n_t + t, 0, 0),
@@ -374,7 +401,7 @@ def _forward(q, k, v, rpb, g: _Geometry, scale: float, interpret: bool):
             jax.ShapeDtypeStruct(shape[:4] + (1,), jnp.float32),
         ],
         "na2d_fwd",
-    )(q, k, v, _bias_table(rpb, g, transposed=False))
+    )(q, k, v, _bias_input(rpb, g, transposed=False))
 
 
 def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: bool):
@@ -394,7 +421,7 @@ def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: b
             jax.ShapeDtypeStruct(q.shape[:3] + (n_t, g.Lp, g.Fp), jnp.float32),
         ],
         "na2d_bwd_dq",
-    )(q, k, v, _bias_table(rpb, g, transposed=False), do, lse, delta)
+    )(q, k, v, _bias_input(rpb, g, transposed=False), do, lse, delta)
     dk, dv = _call(
         functools.partial(_dkdv_kernel, g=g, scale=scale),
         g,
@@ -403,7 +430,7 @@ def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: b
         [tile, tile],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         "na2d_bwd_dkdv",
-    )(q, k, v, _bias_table(rpb, g, transposed=True), do, lse, delta)
+    )(q, k, v, _bias_input(rpb, g, transposed=True), do, lse, delta)
     return dq, dk, dv, _drpb(drpb_part, g)
 
 
