@@ -175,3 +175,21 @@ def test_default_implementation_and_errors():
         na2d(q, k, v, 3, rpb=rpb[:, :4])
     with pytest.raises(ValueError, match="height H >= kernel_size"):
         na2d(q, k, v, 5, dilation=2)
+
+
+def test_tpu_tiling_in_interpret_mode():
+    """The TPU tiling (whole rows, bias-and-mask tables) computes the same numbers; it runs
+    here in interpret mode, so not only its lowering is checked."""
+    from jax_refine.ops import neighborhood_pallas as nap
+
+    shape, L, d = (1, 12, 13, 2, 8), 5, 2
+    q, k, v, rpb, g = random_inputs(3, shape, L)
+    static = dict(L=L, d=d, scale=8**-0.5)
+    out, lse = jax.jit(functools.partial(nap.forward_impl, "tpu", True, **static))(q, k, v, rpb)
+    grads = jax.jit(functools.partial(nap.backward_impl, "tpu", True, **static))(
+        q, k, v, rpb, out, lse, g
+    )
+    ref_out, ref_grads = reference(q, k, v, rpb, g, L, d, 8**-0.5)
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=1e-5)
+    for name, ours, ref in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5, err_msg=name)

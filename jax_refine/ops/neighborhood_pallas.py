@@ -466,41 +466,56 @@ def _platform_call(fn, *args):
     )
 
 
+def forward_impl(backend: str, interpret: bool, q, k, v, rpb, *, L: int, d: int, scale: float):
+    """(out, lse [B, H, W, heads, 1] float32) with the tiling of `backend` ("gpu" | "tpu")."""
+    g = _geometry(q.shape, L, d, backend)
+    o, lse = _forward(*(_to_kernel(x, g) for x in (q, k, v)), rpb, g, scale, interpret)
+    return _from_kernel(o, g), _from_kernel(lse, g._replace(D=1, Dp=1))
+
+
+def backward_impl(
+    backend: str, interpret: bool, q, k, v, rpb, out, lse, g_out, *, L: int, d: int, scale: float
+):
+    """(dq, dk, dv, drpb float32) from the forward's out and lse, tiling of `backend`."""
+    g = _geometry(q.shape, L, d, backend)
+    to = functools.partial(_to_kernel, g=g)
+    lse = _to_kernel(lse, g._replace(D=1, Dp=1))
+    dq, dk, dv, drpb = _backward(
+        to(q), to(k), to(v), rpb, to(out), lse, to(g_out.astype(out.dtype)), g, scale, interpret
+    )
+    return _from_kernel(dq, g), _from_kernel(dk, g), _from_kernel(dv, g), drpb
+
+
+def _platform_call(fn, *args, **static):
+    """fn(backend, interpret, *args, **static) with the tiling of the platform it is lowered
+    for: Triton on GPUs, Mosaic on TPUs, the GPU tiling in interpret mode elsewhere (CPU)."""
+    return jax.lax.platform_dependent(
+        *args,
+        tpu=functools.partial(fn, "tpu", False, **static),
+        cuda=functools.partial(fn, "gpu", False, **static),
+        rocm=functools.partial(fn, "gpu", False, **static),
+        default=functools.partial(fn, "gpu", True, **static),
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def na2d_pallas(q, k, v, rpb, L: int, d: int, scale: float):
     """Fused neighborhood attention; q, k, v `[B, H, W, heads, D]`, rpb `[heads, 2L-1, 2L-1]`.
 
     Inputs are checked by the caller (`neighborhood.na2d`). Output in the dtype of q.
+    Residuals for the backward: q, k, v, rpb, the output and the log-sum-exp.
     """
-    return _na2d_fwd(q, k, v, rpb, L, d, scale)[0]
+    return _platform_call(forward_impl, q, k, v, rpb, L=L, d=d, scale=scale)[0]
 
 
 def _na2d_fwd(q, k, v, rpb, L, d, scale):
-    def run(backend, interpret, q, k, v, rpb):
-        g = _geometry(q.shape, L, d, backend)
-        o, lse = _forward(*(_to_kernel(x, g) for x in (q, k, v)), rpb, g, scale, interpret)
-        # lse back in the user layout [B, H, W, heads, 1]: backends differ in Wp.
-        return _from_kernel(o, g), _from_kernel(lse, g._replace(D=1, Dp=1))
-
-    out, lse = _platform_call(run, q, k, v, rpb)
+    out, lse = _platform_call(forward_impl, q, k, v, rpb, L=L, d=d, scale=scale)
     return out, (q, k, v, rpb, out, lse)
 
 
 def _na2d_bwd(L, d, scale, res, g_out):
-    q, k, v, rpb, out, lse = res
-
-    def run(backend, interpret, q, k, v, rpb, out, lse, g_out):
-        g = _geometry(q.shape, L, d, backend)
-        to = functools.partial(_to_kernel, g=g)
-        lse_k = _to_kernel(lse, g._replace(D=1, Dp=1))
-        dq, dk, dv, drpb = _backward(
-            to(q), to(k), to(v), rpb, to(out), lse_k, to(g_out.astype(out.dtype)),
-            g, scale, interpret,
-        )  # fmt: skip
-        return _from_kernel(dq, g), _from_kernel(dk, g), _from_kernel(dv, g), drpb
-
-    dq, dk, dv, drpb = _platform_call(run, q, k, v, rpb, out, lse, g_out)
-    return dq, dk, dv, drpb.astype(rpb.dtype)
+    dq, dk, dv, drpb = _platform_call(backward_impl, *res, g_out, L=L, d=d, scale=scale)
+    return dq, dk, dv, drpb.astype(res[3].dtype)
 
 
 na2d_pallas.defvjp(_na2d_fwd, _na2d_bwd)
