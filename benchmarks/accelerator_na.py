@@ -170,7 +170,8 @@ def _pna_case(B: int, size: int, dtype, small: bool, repeats: int) -> dict:
             return model.apply(params, *inputs)
 
         def loss(params, *inputs):
-            return sum(jnp.mean(jnp.square(p.astype(jnp.float32))) for p in forward(params, *inputs))
+            logits = forward(params, *inputs)
+            return sum(jnp.mean(jnp.square(p.astype(jnp.float32))) for p in logits)
 
         return with_impl(impl, forward), with_impl(impl, jax.grad(loss))
 

@@ -481,7 +481,9 @@ def na2d(
     if implementation is None:
         implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
     if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {_IMPLEMENTATIONS}, got {implementation!r}.")
+        raise ValueError(
+            f"implementation must be None or one of {_IMPLEMENTATIONS}, got {implementation!r}."
+        )
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if implementation == "xla":
         return _na2d_xla(query, key, value, rpb, kernel_size, dilation, scale)

@@ -239,25 +239,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, bt_ref, o_ref, lse_ref, *, g: _Geometry, sc
     q = _scaled(q_ref[...], scale)
 
     def body(a, carry):
-        m, l, acc = carry
+        m, total, acc = carry
         k = k_ref[st + a, pl.ds(c0, g.Sw), :]
         v = v_ref[st + a, pl.ds(c0, g.Sw), :]
         s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, pb + a, qc, kc, n_c, g)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         p = jnp.exp(s - m_new)
         corr = jnp.exp(m - m_new)
-        l = corr * l + jnp.sum(p, axis=1, keepdims=True)
+        total = corr * total + jnp.sum(p, axis=1, keepdims=True)
         acc = corr * acc + _dot(p.astype(v.dtype), v, prec)
-        return m_new, l, acc
+        return m_new, total, acc
 
     init = (
         jnp.full((g.Tw, 1), -jnp.inf, jnp.float32),
         jnp.zeros((g.Tw, 1), jnp.float32),
         jnp.zeros((g.Tw, g.Dp), jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(0, g.L, body, init)
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    m, total, acc = jax.lax.fori_loop(0, g.L, body, init)
+    o_ref[...] = (acc / total).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(total)
 
 
 def _span_start(ct, n_c, g: _Geometry):
@@ -409,7 +409,9 @@ def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: b
     tile, full, per_query, full_col, table = _specs(g)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
     n_t = g.Wp // g.Tw
-    drpb_spec = pl.BlockSpec((None, None, None, None, g.Lp, g.Fp), lambda b, h, r, t: (b, h, r, t, 0, 0))
+    drpb_spec = pl.BlockSpec(
+        (None, None, None, None, g.Lp, g.Fp), lambda b, h, r, t: (b, h, r, t, 0, 0)
+    )
     dq, drpb_part = _call(
         functools.partial(_dq_kernel, g=g, scale=scale),
         g,
@@ -445,9 +447,7 @@ def _drpb(part: jax.Array, g: _Geometry) -> jax.Array:
         e0 = _starts(i, n_r, L) - i + L - 1
         for a in range(L):
             one_hot[r, i, a, e0 + a] = 1.0
-    drpb = jnp.einsum(
-        "rhiaf,riae->hef", part, one_hot, precision=jax.lax.Precision.HIGHEST
-    )
+    drpb = jnp.einsum("rhiaf,riae->hef", part, one_hot, precision=jax.lax.Precision.HIGHEST)
     return drpb[:, :, :n]
 
 
