@@ -61,6 +61,8 @@ class _Geometry(NamedTuple):
     L: int
     d: int
     Hc: int  # rows of a residue-class map (ceil(H / d)).
+    Hp: int  # padded rows (a multiple of Th).
+    Th: int  # query rows per program of the dq kernel.
     Wc: int  # columns of a residue-class map (ceil(W / d)).
     Wp: int  # padded columns.
     Dp: int  # padded head dim.
@@ -73,10 +75,6 @@ class _Geometry(NamedTuple):
     @property
     def Fp(self) -> int:  # padded 2L-1 (bias displacements).
         return _next_pow2(2 * self.L - 1)
-
-    @property
-    def Lp(self) -> int:
-        return _next_pow2(self.L)
 
 
 def _geometry(shape: tuple[int, ...], L: int, d: int, backend: str) -> _Geometry:
@@ -91,7 +89,9 @@ def _geometry(shape: tuple[int, ...], L: int, d: int, backend: str) -> _Geometry
         Sw = _next_pow2(Tw + L - 1)
         Sq = _next_pow2(Tk + 2 * (L - 1))
         Wp = -(-max(Wc, Sw, Sq) // Tw) * Tw
-    return _Geometry(B, H, W, heads, D, L, d, Hc, Wc, Wp, Dp, Tw, Sw, Tk, Sq, backend)
+    Th = 8
+    Hp = -(-Hc // Th) * Th
+    return _Geometry(B, H, W, heads, D, L, d, Hc, Hp, Th, Wc, Wp, Dp, Tw, Sw, Tk, Sq, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +104,12 @@ def _to_kernel(x: jax.Array, g: _Geometry) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, g.Hc * d - H), (0, g.Wc * d - W), (0, 0), (0, 0)))
     x = x.reshape(B, g.Hc, d, g.Wc, d, h, D).transpose(0, 2, 4, 5, 1, 3, 6)
     x = x.reshape(B * d * d, h, g.Hc, g.Wc, D)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, g.Wp - g.Wc), (0, g.Dp - D)))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, g.Hp - g.Hc), (0, g.Wp - g.Wc), (0, g.Dp - D)))
 
 
 def _from_kernel(x: jax.Array, g: _Geometry) -> jax.Array:
     d = g.d
-    x = x[:, :, :, : g.Wc, : g.D].reshape(g.B, d, d, g.heads, g.Hc, g.Wc, g.D)
+    x = x[:, :, : g.Hc, : g.Wc, : g.D].reshape(g.B, d, d, g.heads, g.Hc, g.Wc, g.D)
     x = x.transpose(0, 4, 1, 5, 2, 3, 6).reshape(g.B, g.Hc * d, g.Wc * d, g.heads, g.D)
     return x[:, : g.H, : g.W]
 
@@ -271,36 +271,58 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, bt_ref, do_ref, lse_ref, delta_ref, dq_ref, drpb_ref,
     *, g: _Geometry, scale: float,
 ):  # fmt: skip
-    """dq of one row of Tw queries and its partial drpb [Lp, Fp] (row a: key row st + a)."""
+    """dq of Th rows of Tw queries, and their partial drpb [Fp (e), Fp (f)].
+
+    drpb needs ds summed by displacement (e, f): f varies along the diagonals of a [Tw, Sw]
+    tile, a reduction of 2L-1 masked sums. Rows whose window is not clamped (and padding
+    rows, whose ds is 0) share e = a + L//2 for key row a, so their ds tiles are summed first
+    and reduced once per program; the few clamped rows are reduced row by row.
+    """
+    L, half = g.L, g.L // 2
     n_r, n_c, _ = _class_sizes(g)
-    row, ct = pl.program_id(2), pl.program_id(3)
-    st = _row_start(row, n_r, g.L)
-    pb = st - row + g.L - 1
+    rb, ct = pl.program_id(2), pl.program_id(3)
     c0 = _span_start(ct, n_c, g)
     prec = _precision(q_ref.dtype)
-    q = _scaled(q_ref[...], scale)
-    do = do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
     qc, kc = _iota(g.Tw, 0, ct * g.Tw), _iota(g.Sw, 1, c0)
-    f_idx = kc - qc + g.L - 1  # [Tw, Sw] column displacement index of each entry
+    f_idx = kc - qc + L - 1  # [Tw, Sw] column displacement index of each entry
     f_lane = jax.lax.broadcasted_iota(jnp.int32, (1, g.Fp), 1)
     drpb_ref[...] = jnp.zeros(drpb_ref.shape, drpb_ref.dtype)
 
-    def body(a, dq):
-        k = k_ref[st + a, pl.ds(c0, g.Sw), :]
-        v = v_ref[st + a, pl.ds(c0, g.Sw), :]
-        s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, pb + a, qc, kc, n_c, g)
-        p = jnp.exp(s - lse)
-        ds = p * (_dot(do, v, prec, trans_b=True) - delta)
-        by_f = jnp.zeros((1, g.Fp), jnp.float32)
-        for f in range(2 * g.L - 1):
-            part = jnp.sum(jnp.where(f_idx == f, ds, 0.0), axis=(0, 1), keepdims=True)
-            by_f = jnp.where(f_lane == f, part, by_f)
-        drpb_ref[pl.ds(a, 1), :] = by_f
-        return dq + _dot(ds.astype(k.dtype), k, prec)
+    def reduce_into(ds, e):
+        """drpb row e += the sums of ds over each column displacement f."""
 
-    dq = jax.lax.fori_loop(0, g.L, body, jnp.zeros((g.Tw, g.Dp), jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+        def add_f(f, by_f):
+            part = jnp.sum(jnp.where(f_idx == f, ds, 0.0), axis=(0, 1), keepdims=True)
+            return jnp.where(f_lane == f, part, by_f)
+
+        by_f = jax.lax.fori_loop(0, 2 * L - 1, add_f, jnp.zeros((1, g.Fp), jnp.float32))
+        drpb_ref[pl.ds(e, 1), :] += by_f
+
+    def row_body(i, acc):
+        row = rb * g.Th + i
+        st = _row_start(row, n_r, L)
+        pb = st - row + L - 1
+        shared = (pb == half) | (row >= n_r)
+        q = _scaled(q_ref[i], scale)
+        do, lse, delta = do_ref[i], lse_ref[i], delta_ref[i]
+        dq = jnp.zeros((g.Tw, g.Dp), jnp.float32)
+        new_acc = []
+        for a in range(L):
+            k = k_ref[st + a, pl.ds(c0, g.Sw), :]
+            v = v_ref[st + a, pl.ds(c0, g.Sw), :]
+            s = _dot(q, k, prec, trans_b=True) + _bias(bt_ref, pb + a, qc, kc, n_c, g)
+            p = jnp.exp(s - lse)
+            ds = p * (_dot(do, v, prec, trans_b=True) - delta)
+            dq = dq + _dot(ds.astype(k.dtype), k, prec)
+            new_acc.append(acc[a] + jnp.where(shared, ds, 0.0))
+            pl.when(jnp.logical_not(shared))(functools.partial(reduce_into, ds, pb + a))
+        dq_ref[i] = (dq * scale).astype(dq_ref.dtype)
+        return tuple(new_acc)
+
+    zeros = tuple(jnp.zeros((g.Tw, g.Sw), jnp.float32) for _ in range(L))
+    acc = jax.lax.fori_loop(0, g.Th, row_body, zeros)
+    for a in range(L):
+        reduce_into(acc[a], a + half)
 
 
 def _dkdv_kernel(
@@ -354,12 +376,18 @@ def _compiler_params(g: _Geometry):
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _specs(g: _Geometry):
-    """BlockSpecs: a tile of one row, a whole map, a bias table, a per-query column."""
-    tile = pl.BlockSpec((None, None, None, g.Tw, g.Dp), lambda b, h, r, t: (b, h, r, t, 0))
-    full = pl.BlockSpec((None, None, g.Hc, g.Wp, g.Dp), lambda b, h, r, t: (b, h, 0, 0, 0))
-    per_query = pl.BlockSpec((None, None, None, g.Tw, 1), lambda b, h, r, t: (b, h, r, t, 0))
-    full_col = pl.BlockSpec((None, None, g.Hc, g.Wp, 1), lambda b, h, r, t: (b, h, 0, 0, 0))
+def _specs(g: _Geometry, rows: int = 1):
+    """BlockSpecs: a tile of `rows` rows (of Tw queries or keys), a whole map, a per-query
+    column of the same tile, a whole map's column, the bias input (a function of its tile)."""
+    tile = pl.BlockSpec((None, None, rows, g.Tw, g.Dp), lambda b, h, r, t: (b, h, r, t, 0))
+    full = pl.BlockSpec((None, None, g.Hp, g.Wp, g.Dp), lambda b, h, r, t: (b, h, 0, 0, 0))
+    per_query = pl.BlockSpec((None, None, rows, g.Tw, 1), lambda b, h, r, t: (b, h, r, t, 0))
+    full_col = pl.BlockSpec((None, None, g.Hp, g.Wp, 1), lambda b, h, r, t: (b, h, 0, 0, 0))
+    if rows == 1:  # one row: squeeze it
+        tile, per_query = (
+            pl.BlockSpec((None, None, None) + spec.block_shape[3:], spec.index_map)
+            for spec in (tile, per_query)
+        )
     n_t = g.Wp // g.Tw
 
     def table(rows: int, cols: int):
@@ -373,10 +401,13 @@ def _specs(g: _Geometry):
     return tile, full, per_query, full_col, table
 
 
-def _call(kernel, g: _Geometry, interpret: bool, in_specs, out_specs, out_shape, name: str):
+def _call(
+    kernel, g: _Geometry, interpret: bool, in_specs, out_specs, out_shape, name: str, rows: int
+):
+    """pallas_call over (class-batch, head, `rows`, column tile)."""
     return pl.pallas_call(
         kernel,
-        grid=(g.B * g.d * g.d, g.heads, g.Hc, g.Wp // g.Tw),
+        grid=(g.B * g.d * g.d, g.heads, rows, g.Wp // g.Tw),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -401,28 +432,31 @@ def _forward(q, k, v, rpb, g: _Geometry, scale: float, interpret: bool):
             jax.ShapeDtypeStruct(shape[:4] + (1,), jnp.float32),
         ],
         "na2d_fwd",
+        g.Hc,
     )(q, k, v, _bias_input(rpb, g, transposed=False))
 
 
 def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: bool):
     """Kernel-layout gradients (dq, dk, dv) and drpb [h, 2L-1, 2L-1] float32."""
     tile, full, per_query, full_col, table = _specs(g)
+    rows, _, rows_col, _, _ = _specs(g, g.Th)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-    n_t = g.Wp // g.Tw
+    n_rb, n_t = g.Hp // g.Th, g.Wp // g.Tw
     drpb_spec = pl.BlockSpec(
-        (None, None, None, None, g.Lp, g.Fp), lambda b, h, r, t: (b, h, r, t, 0, 0)
+        (None, None, None, None, g.Fp, g.Fp), lambda b, h, r, t: (b, h, r, t, 0, 0)
     )
     dq, drpb_part = _call(
         functools.partial(_dq_kernel, g=g, scale=scale),
         g,
         interpret,
-        [tile, full, full, table(g.Tw, g.Sw), tile, per_query, per_query],
-        [tile, drpb_spec],
+        [rows, full, full, table(g.Tw, g.Sw), rows, rows_col, rows_col],
+        [rows, drpb_spec],
         [
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct(q.shape[:3] + (n_t, g.Lp, g.Fp), jnp.float32),
+            jax.ShapeDtypeStruct(q.shape[:2] + (n_rb, n_t, g.Fp, g.Fp), jnp.float32),
         ],
         "na2d_bwd_dq",
+        n_rb,
     )(q, k, v, _bias_input(rpb, g, transposed=False), do, lse, delta)
     dk, dv = _call(
         functools.partial(_dkdv_kernel, g=g, scale=scale),
@@ -432,38 +466,19 @@ def _backward(q, k, v, rpb, o, lse, do, g: _Geometry, scale: float, interpret: b
         [tile, tile],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         "na2d_bwd_dkdv",
+        g.Hc,
     )(q, k, v, _bias_input(rpb, g, transposed=True), do, lse, delta)
     return dq, dk, dv, _drpb(drpb_part, g)
 
 
 def _drpb(part: jax.Array, g: _Geometry) -> jax.Array:
-    """[BB, h, Hc, n_t, Lp, Fp] partials (row a of query row i: row displacement
-    e = start(i) - i + L - 1 + a) -> drpb [h, 2L-1, 2L-1]."""
-    L, d, n = g.L, g.d, 2 * g.L - 1
-    part = part.sum(axis=3).reshape(g.B, d, d, g.heads, g.Hc, g.Lp, g.Fp).sum(axis=(0, 2))
-    one_hot = np.zeros((d, g.Hc, g.Lp, n), np.float32)  # [r, i, a, e]
-    for r, n_r in enumerate(_class_lengths(g.H, d)):
-        i = np.arange(n_r)
-        e0 = _starts(i, n_r, L) - i + L - 1
-        for a in range(L):
-            one_hot[r, i, a, e0 + a] = 1.0
-    drpb = jnp.einsum("rhiaf,riae->hef", part, one_hot, precision=jax.lax.Precision.HIGHEST)
-    return drpb[:, :, :n]
+    """[BB, h, row blocks, column tiles, Fp (e), Fp (f)] partials -> drpb [h, 2L-1, 2L-1]."""
+    n = 2 * g.L - 1
+    return part.sum(axis=(0, 2, 3))[:, :n, :n]
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry: custom VJP over [B, H, W, heads, D] inputs, tiles chosen per backend.
-
-
-def _platform_call(fn, *args):
-    """Run fn(backend, interpret, *args) with the tiling of the platform it is lowered for."""
-    return jax.lax.platform_dependent(
-        *args,
-        tpu=functools.partial(fn, "tpu", False),
-        cuda=functools.partial(fn, "gpu", False),
-        rocm=functools.partial(fn, "gpu", False),
-        default=functools.partial(fn, "gpu", True),
-    )
 
 
 def forward_impl(backend: str, interpret: bool, q, k, v, rpb, *, L: int, d: int, scale: float):
