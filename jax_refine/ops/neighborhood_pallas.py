@@ -1,35 +1,39 @@
 """Fused 2D neighborhood attention (qk + rpb -> softmax -> av) as Pallas kernels.
 
 One kernel body per pass runs on GPU (Triton), TPU (Mosaic) and, in interpret mode, on CPU
-(tests). Semantics are those of `jax_refine.ops.neighborhood` (NATTEN 0.14.5's clamped windows,
-bias index = displacement / dilation + L - 1).
+(tests). Semantics are those of `jax_refine.ops.neighborhood` (NATTEN 0.14.5's clamped windows;
+the bias index of a key is its displacement / dilation + L - 1, also at the borders).
 
-Layout inside the kernels: `[B*d*d, heads, Hc, Wp, Dp]`. Dilation d is folded into the batch:
+Layout inside the kernels: `[B*d*d, heads, Hp, Wp, Dp]`. Dilation d is folded into the batch:
 the residue classes (i mod d, j mod d) are independent dilation-1 problems on maps of
-n_r = ceil((H - r) / d) rows (the classes of one map differ by at most one row/column); a class
-map is zero-padded to Hc = ceil(H / d) rows and Wp columns (a multiple of the query tile and at
-least the key span), D to a power of two >= 16. Padded keys lie in no window; padded queries
-are cropped and get a zero output gradient, so they add nothing to dk, dv or drpb.
+n_r = ceil((H - r) / d) rows (the classes of one map differ by at most one row/column; each
+program computes its class's n_r, n_c from its batch index). A class map is zero-padded to Hp
+rows (ceil(H / d) rounded up to the dq kernel's row block), Wp columns (a multiple of the
+query tile and at least the key spans) and D to a power of two >= 16. Padded keys lie in no
+window; padded queries are cropped and get a zero output gradient, so they add nothing to dk,
+dv or drpb.
 
-Forward (grid: class-batch, head, query row, column tile of Tw queries): the window of query
-row i covers key rows start(i) .. start(i) + L - 1 (one row of the same window for all queries
-of the row); the windows of Tw adjacent queries lie in a span of Sw >= Tw + L - 1 key columns.
-For each of the L key rows the kernel forms the dense [Tw, Sw] logits on-chip (q . k^T on the
-matrix unit, f32 accumulation), adds a precomputed bias-and-mask tile (rpb values at the
-displacement, a large negative number outside the window) and updates an online softmax. It
-writes the output and the per-query log-sum-exp, nothing else.
+Forward (grid: class-batch, head, query row, column tile of Tw queries): all queries of a row
+share their window's key rows start(i) .. start(i) + L - 1, and the windows of Tw adjacent
+queries lie in a span of Sw >= Tw + L - 1 key columns. For each of the L key rows the kernel
+forms the dense [Tw, Sw] logits on-chip (q . k^T on the matrix unit, float32 accumulation),
+adds the bias and the window mask (a large negative number outside the window) and updates an
+online softmax. It writes the output and the per-query log-sum-exp, nothing else.
 
-Backward (flash-attention style, two kernels, probabilities recomputed from the lse):
-  dq kernel (same grid as forward): dq = scale * sum_a ds_a @ k_a, with ds = p * (dp - delta),
-  dp = do @ v^T, delta = sum(o * do); it also reduces ds by displacement into a per-program
-  [L, 2L-1] partial of drpb (summed over programs outside, a few floats per query).
+Backward (flash-attention style, probabilities recomputed from the log-sum-exp):
+  dq kernel (Th query rows per program): dq = scale * sum_a ds_a @ k_a, ds = p * (dp - delta),
+  dp = do @ v^T, delta = sum(o * do); it also reduces ds by displacement (e, f) into a
+  per-program partial of drpb (summed over programs outside).
   dk/dv kernel (grid: class-batch, head, key row, column tile of Tk keys): loops over exactly
   the query rows whose windows hold the key row, over a span of Sq >= Tk + 2(L-1) query
   columns; dv = sum p^T @ do, dk = sum ds^T @ q_scaled.
 
-Tile sizes are chosen per backend inside one code path (`jax.lax.platform_dependent`):
-Triton needs power-of-two blocks and dot operands >= 16; Mosaic works on whole padded rows
-(Tw = Sw = Wp, so no dynamic sublane offsets) in 8 x 128 vector tiles.
+Per backend, inside one code path (`jax.lax.platform_dependent`): Triton (GPU, and interpret
+mode on CPU) gets power-of-two tiles of 16 queries (dot operands >= 16) and gathers the bias
+from rpb in registers; Mosaic (TPU) works on whole padded rows (Tw = Sw = Wp: no dynamic
+sublane offsets, no in-register gathers) and reads the bias and mask from small precomputed
+tables. float32 dots run at full precision when `jax_default_matmul_precision` asks for it
+("highest"), else at the platform default (TF32 on GPUs).
 """
 
 from __future__ import annotations
@@ -197,7 +201,7 @@ def _class_sizes(g: _Geometry):
     d = g.d
     r = jax.lax.rem(jax.lax.div(bb, d), d)
     s = jax.lax.rem(bb, d)
-    return jax.lax.div(g.H - r + d - 1, d), jax.lax.div(g.W - s + d - 1, d), s
+    return jax.lax.div(g.H - r + d - 1, d), jax.lax.div(g.W - s + d - 1, d)
 
 
 def _row_start(row, n_r, L: int):
@@ -229,7 +233,7 @@ def _scaled(x, scale: float):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, bt_ref, o_ref, lse_ref, *, g: _Geometry, scale: float):
     """One row of Tw queries: online softmax over the L key rows of its window."""
-    n_r, n_c, _ = _class_sizes(g)
+    n_r, n_c = _class_sizes(g)
     row, ct = pl.program_id(2), pl.program_id(3)
     st = _row_start(row, n_r, g.L)
     pb = st - row + g.L - 1
@@ -279,7 +283,7 @@ def _dq_kernel(
     and reduced once per program; the few clamped rows are reduced row by row.
     """
     L, half = g.L, g.L // 2
-    n_r, n_c, _ = _class_sizes(g)
+    n_r, n_c = _class_sizes(g)
     rb, ct = pl.program_id(2), pl.program_id(3)
     c0 = _span_start(ct, n_c, g)
     prec = _precision(q_ref.dtype)
@@ -330,7 +334,7 @@ def _dkdv_kernel(
     *, g: _Geometry, scale: float,
 ):  # fmt: skip
     """dk, dv of one row of Tk keys: loop over the query rows whose windows hold it."""
-    n_r, n_c, _ = _class_sizes(g)
+    n_r, n_c = _class_sizes(g)
     kr, kt = pl.program_id(2), pl.program_id(3)
     L, half = g.L, g.L // 2
     q0 = 0 if g.Sq == g.Wp else jnp.clip(kt * g.Tk - (L - 1), 0, g.Wp - g.Sq)
@@ -418,7 +422,7 @@ def _call(
 
 
 def _forward(q, k, v, rpb, g: _Geometry, scale: float, interpret: bool):
-    """Kernel-layout forward: (o, lse [BB, h, Hc, Wp, 1] float32)."""
+    """Kernel-layout forward: (o, lse [BB, h, Hp, Wp, 1] float32)."""
     tile, full, per_query, _, table = _specs(g)
     shape = q.shape
     return _call(
