@@ -123,8 +123,9 @@ def _na_case(B: int, size: int, heads: int, D: int, L: int, d: int, dtype, repea
 
 def _pna_case(B: int, size: int, dtype, small: bool, repeats: int) -> dict:
     """The PNA segmentor (R-52 + FCN head + PNA head, 21 classes), forward and parameter
-    gradients of the mean square of all stage logits. small=True: a PNA head alone (two
-    stages of width 32, window 3) on random features of a `size`^2 image, for CPU tests.
+    gradients of the mean square of all stage logits. small=True: a PNA head alone (one
+    stage of width 32, window 3, no self-aggregation module) on random res2 features of a
+    `size`^2 image, for CPU tests.
 
     The model does not take an attention implementation, so the layers' default (None: the
     backend's best) is overridden per run by intercepting `NeighborhoodCrossAttention`.
@@ -138,12 +139,9 @@ def _pna_case(B: int, size: int, dtype, small: bool, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     if small:
         case = f"pna head fwd+bwd B={B} {size}^2 {name}"
-        model = PNAHead(3, embed_dims=(32, 32), window_sizes=(3, 3),
-                        in_features=("res2", "res3"), dtype=dtype)  # fmt: skip
-        features = {
-            f"res{i}": jnp.asarray(rng.standard_normal((B, size >> i, size >> i, 16)), dtype)
-            for i in (2, 3)
-        }
+        model = PNAHead(3, embed_dims=(32,), window_sizes=(3,), in_features=("res2",),
+                        use_sa=False, dtype=dtype)  # fmt: skip
+        features = {"res2": jnp.asarray(rng.standard_normal((B, size // 4, size // 4, 16)), dtype)}
         coarse = jnp.asarray(rng.standard_normal((B, size >> 5, size >> 5, 3)), dtype)
         inputs = (coarse, features)
     else:
