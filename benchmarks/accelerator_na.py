@@ -7,7 +7,8 @@
 One row per case (flat dict, the same keys in every row):
   case               e.g. "na2d B=8 128^2 12x32 L=9 d=1 bf16" or "pna fwd+bwd B=8 512^2 f32"
   xla_fwd_ms, pallas_fwd_ms, xla_fwdbwd_ms, pallas_fwdbwd_ms
-                     median of >= 10 runs after a warm-up (compile) run, jax.block_until_ready;
+                     median of >= 10 runs after a warm-up run (compiled ahead of time),
+                     jax.block_until_ready; the PNA model has forward+backward only (NaN);
                      forward+backward = gradients of sum(out * g) w.r.t. q, k, v and rpb (for
                      the PNA model: of a loss on all stage logits w.r.t. the parameters)
   xla_fwdbwd_temp_mb, pallas_fwdbwd_temp_mb
@@ -16,9 +17,9 @@ One row per case (flat dict, the same keys in every row):
   max_rel_err_grad   the same for the gradients
   error              "" or why the case failed / was skipped (the numbers are then NaN)
 Inputs are random normal (rpb 0.02 * normal), at the platform's default matmul precision
-(float32 dots may use TF32 on GPUs: say so next to the figures). The NA cases run in order of
-importance and stop (rows with error "skipped: time budget") once the section has used its
-time budget. Imports no TensorFlow, TFDS or ml_collections.
+(float32 dots may use TF32 on GPUs: say so next to the figures). Cases run in order of
+importance; once the section has used its time budget the rest become rows with error
+"skipped: time budget". Imports no TensorFlow, TFDS or ml_collections.
 """
 
 from __future__ import annotations
@@ -83,17 +84,21 @@ def _temp_mb(compiled) -> float:
     return math.nan if analysis is None else analysis.temp_size_in_bytes / 2**20
 
 
-def _compare(case: str, make: Callable[[str], tuple[Callable, Callable]], args, repeats) -> dict:
+def _compare(case: str, make: Callable[[str], tuple[Callable | None, Callable]], args, repeats):
     """Time forward and forward+backward of both implementations (compiled ahead of time);
-    compare their results."""
+    compare their results. make(impl) -> (forward or None, forward+backward); without a
+    forward, forward+backward returns (value, gradients) and only it is timed."""
     values: dict[str, Any] = {}
     results = {}
     for impl in IMPLEMENTATIONS:
-        fwd, fwdbwd = (jax.jit(f).lower(*args).compile() for f in make(impl))
-        values[f"{impl}_fwd_ms"], out = _time_ms(fwd, args, repeats)
+        fwd, fwdbwd = make(impl)
+        if fwd is not None:
+            fwd = jax.jit(fwd).lower(*args).compile()
+            values[f"{impl}_fwd_ms"], out = _time_ms(fwd, args, repeats)
+        fwdbwd = jax.jit(fwdbwd).lower(*args).compile()
         values[f"{impl}_fwdbwd_ms"], grads = _time_ms(fwdbwd, args, repeats)
         values[f"{impl}_fwdbwd_temp_mb"] = _temp_mb(fwdbwd)
-        results[impl] = out, grads
+        results[impl] = (out, grads) if fwd is not None else grads
     (out_p, grads_p), (out_x, grads_x) = results["pallas"], results["xla"]
     values["max_rel_err"] = _rel_err(out_p, out_x)
     values["max_rel_err_grad"] = _rel_err(grads_p, grads_x)
@@ -101,8 +106,7 @@ def _compare(case: str, make: Callable[[str], tuple[Callable, Callable]], args, 
 
 
 def _na_case(B: int, size: int, heads: int, D: int, L: int, d: int, dtype, repeats: int) -> dict:
-    name = "bf16" if dtype == jnp.bfloat16 else "f32"
-    case = f"na2d B={B} {size}^2 {heads}x{D} L={L} d={d} {name}"
+    case = _na_name(B, size, heads, D, L, d, dtype)
     rng = np.random.default_rng(0)
     shape = (B, size, size, heads, D)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
@@ -122,8 +126,9 @@ def _na_case(B: int, size: int, heads: int, D: int, L: int, d: int, dtype, repea
 
 
 def _pna_case(B: int, size: int, dtype, small: bool, repeats: int) -> dict:
-    """The PNA segmentor (R-52 + FCN head + PNA head, 21 classes), forward and parameter
-    gradients of the mean square of all stage logits. small=True: a PNA head alone (one
+    """The PNA segmentor (R-52 + FCN head + PNA head, 21 classes): forward+backward only (the
+    mean square of all stage logits and its parameter gradients; max_rel_err compares the
+    loss). small=True: a PNA head alone (one
     stage of width 32, window 3, no self-aggregation module) on random res2 features of a
     `size`^2 image, for CPU tests.
 
@@ -164,26 +169,33 @@ def _pna_case(B: int, size: int, dtype, small: bool, repeats: int) -> dict:
         return wrapped
 
     def make(impl):
-        def forward(params, *inputs):
-            return model.apply(params, *inputs)
-
         def loss(params, *inputs):
-            logits = forward(params, *inputs)
+            logits = model.apply(params, *inputs)
             return sum(jnp.mean(jnp.square(p.astype(jnp.float32))) for p in logits)
 
-        return with_impl(impl, forward), with_impl(impl, jax.grad(loss))
+        return None, with_impl(impl, jax.value_and_grad(loss))
 
     return _compare(case, make, (params, *inputs), repeats)
 
 
+def _na_name(B, size, heads, D, L, d, dtype) -> str:
+    return f"na2d B={B} {size}^2 {heads}x{D} L={L} d={d} " + (
+        "bf16" if dtype == jnp.bfloat16 else "f32"
+    )
+
+
 def run(small: bool) -> list[dict]:
-    """The section's rows (see the module docstring). small=True: tiny shapes, CPU-friendly."""
+    """The section's rows (see the module docstring). small=True: tiny shapes, CPU-friendly.
+
+    Order: the issue's target case (B=8, L=9, d=1, bf16 then f32), the PNA model, then the
+    other NA cases while the section has used less than its budget (GPU compiles take
+    seconds per function: 4 per NA case, 2 large ones for the model).
+    """
     if small:
         na_cases = [(1, 12, 2, 16, 5, 2, jnp.float32)]
         pna = (1, 32, jnp.float32)
         repeats, budget_s = 2, math.inf
     else:
-        # Most important first: the issue's target, then B=8, then B=1.
         na_cases = [
             (B, 128, 12, 32, L, d, dt)
             for B in (8, 1)
@@ -192,24 +204,25 @@ def run(small: bool) -> list[dict]:
             for dt in (jnp.bfloat16, jnp.float32)
         ]
         pna = (8, 512, jnp.float32)
-        repeats, budget_s = 10, 100.0
+        repeats, budget_s = 10, 110.0
     rows, start = [], time.perf_counter()
-    for B, size, heads, D, L, d, dtype in na_cases:
-        case = f"na2d B={B} {size}^2 {heads}x{D} L={L} d={d} " + (
-            "bf16" if dtype == jnp.bfloat16 else "f32"
-        )
+    cases = [("na", c) for c in na_cases[:2]] + [("pna", pna)] + [("na", c) for c in na_cases[2:]]
+    for kind, spec in cases:
+        if kind == "pna":
+            B, size, dtype = spec
+            name = f"pna fwd+bwd B={B} {size}^2"
+        else:
+            name = _na_name(*spec)
         if time.perf_counter() - start > budget_s:
-            rows.append(_row(case, error="skipped: time budget"))
+            rows.append(_row(name, error="skipped: time budget"))
             continue
         try:
-            rows.append(_na_case(B, size, heads, D, L, d, dtype, repeats))
+            if kind == "pna":
+                rows.append(_pna_case(B, size, dtype, small, repeats))
+            else:
+                rows.append(_na_case(*spec, repeats))
         except Exception as e:  # noqa: BLE001 - one failing case becomes a row
-            rows.append(_row(case, error=f"{type(e).__name__}: {e}"[:500]))
-    B, size, dtype = pna
-    try:
-        rows.append(_pna_case(B, size, dtype, small, repeats))
-    except Exception as e:  # noqa: BLE001
-        rows.append(_row(f"pna fwd+bwd B={B} {size}^2", error=f"{type(e).__name__}: {e}"[:500]))
+            rows.append(_row(name, error=f"{type(e).__name__}: {e}"[:500]))
     return rows
 
 

@@ -15,5 +15,8 @@ def test_small_run_rows():
     for row in rows:
         assert set(row) == set(accelerator_na.KEYS) and row["error"] == "", row
         for key in accelerator_na.KEYS[1:-1]:
+            if row["case"].startswith("pna") and key.endswith("_fwd_ms"):
+                assert math.isnan(row[key])  # the model: forward+backward only
+                continue
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0
         assert row["max_rel_err"] < 1e-5 and row["max_rel_err_grad"] < 1e-4
