@@ -157,9 +157,9 @@ def test_pallas_lowers_for_gpu_and_tpu(platform, custom_call):
 
 def test_default_implementation_and_errors():
     q, k, v, rpb, _ = random_inputs(2, (1, 9, 9, 2, 8), 3)
-    # On CPU the default is "xla" (no Pallas kernel in the program).
+    # The default: "xla" on CPU (no Pallas kernel in the program), "pallas" on GPU/TPU.
     jaxpr = str(jax.make_jaxpr(lambda q: na2d(q, k, v, 3, rpb=rpb))(q))
-    assert "pallas_call" not in jaxpr
+    assert ("pallas_call" in jaxpr) == (jax.default_backend() != "cpu")
     for bias in (rpb, None):  # rpb=None: a zero bias
         fused = functools.partial(na2d, kernel_size=3, rpb=bias, implementation="pallas")
         assert "pallas_call" in str(jax.make_jaxpr(lambda q, f=fused: f(q, k, v))(q))
