@@ -31,9 +31,11 @@ Backward (flash-attention style, probabilities recomputed from the log-sum-exp):
 Per backend, inside one code path (`jax.lax.platform_dependent`): Triton (GPU, and interpret
 mode on CPU) gets power-of-two tiles of 16 queries (dot operands >= 16) and gathers the bias
 from rpb in registers; Mosaic (TPU) works on whole padded rows (Tw = Sw = Wp: no dynamic
-sublane offsets, no in-register gathers) and reads the bias and mask from small precomputed
-tables. float32 dots run at full precision when `jax_default_matmul_precision` asks for it
-("highest"), else at the platform default (TF32 on GPUs).
+sublane offsets, no in-register gathers) and reads the bias and mask from precomputed tables
+([heads, 2L-1, d, Wp, Wp] float32: sized for maps up to a few hundred columns; wider maps
+would need column tiles on TPU too). float32 dots run at full precision when
+`jax_default_matmul_precision` asks for it ("highest"), else at the platform default (TF32 on
+GPUs).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _geometry(shape: tuple[int, ...], L: int, d: int, backend: str) -> _Geometry
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout: [B, H, W, heads, D] <-> [B*d*d, heads, Hc, Wp, Dp].
+# Layout: [B, H, W, heads, D] <-> [B*d*d, heads, Hp, Wp, Dp].
 
 
 def _to_kernel(x: jax.Array, g: _Geometry) -> jax.Array:
