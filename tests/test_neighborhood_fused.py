@@ -64,10 +64,10 @@ def random_inputs(seed, shape, L, dtype=jnp.float32):
 
 
 CASES = [
-    # (shape [B, H, W, heads, D], L, dilation): odd sizes, head dim padded to 16; dilation
-    # with residue classes of unequal size; two column tiles of 32 queries (the last one
-    # clamped) and a 7-row window; dilation 3 with a window that fills a class.
-    ((2, 12, 13, 2, 8), 3, 1),
+    # (shape [B, H, W, heads, D], L, dilation): dilation 2 with residue classes of unequal
+    # (odd) size and two row blocks of the dq kernel; three column tiles of 16 queries (the
+    # last one clamped), a 7-row window, head dim 8 padded to 16; dilation 3 with a window
+    # that fills a class. (B=2: the golden test.)
     ((1, 12, 13, 2, 16), 5, 2),
     ((1, 9, 37, 2, 8), 7, 1),
     ((1, 16, 11, 1, 8), 3, 3),
@@ -76,7 +76,7 @@ CASES = [
 
 @pytest.mark.parametrize(
     "shape,L,d,implementation",
-    [(*case, "pallas") for case in CASES] + [(*CASES[2], "xla")],
+    [(*case, "pallas") for case in CASES] + [(*CASES[1], "xla")],
 )
 def test_values_and_gradients_match_float64(shape, L, d, implementation):
     q, k, v, rpb, g = random_inputs(0, shape, L)
