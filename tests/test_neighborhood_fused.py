@@ -65,9 +65,9 @@ def random_inputs(seed, shape, L, dtype=jnp.float32):
 
 CASES = [
     # (shape [B, H, W, heads, D], L, dilation): dilation 2 with residue classes of unequal
-    # (odd) size and two row blocks of the dq kernel; three column tiles of 16 queries (the
-    # last one clamped), a 7-row window, head dim 8 padded to 16; dilation 3 with a window
-    # that fills a class. (B=2: the golden test.)
+    # (odd) size; three column tiles of 16 queries (the last one clamped), two row blocks of
+    # the dq kernel, a 7-row window, head dim 8 padded to 16; dilation 3 with a window that
+    # fills a class. (B=2: the golden test.)
     ((1, 12, 13, 2, 16), 5, 2),
     ((1, 9, 37, 2, 8), 7, 1),
     ((1, 16, 11, 1, 8), 3, 3),
