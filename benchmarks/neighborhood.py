@@ -6,6 +6,10 @@
 
 Implementations (same semantics: NATTEN's clamped windows and bias indices):
   ours    `jax_refine.ops.neighborhood` (na2d_qk / na2d_av, custom VJP).
+  na2d    `jax_refine.ops.neighborhood.na2d`, the fused op, default implementation ("xla" on
+          CPU: the same kernels as `ours` in one call).
+  pallas  `na2d(implementation="pallas")`, the fused Pallas kernel (`--pallas`; on CPU it runs
+          in Pallas interpret mode, far slower: for accelerators, see accelerator_na.py).
   gather  JAX, gathers the whole neighbourhood `[B, H, W, L*L, heads, D]` of k and v, einsum,
           autodiff for the backward.
   torch   PyTorch (CPU): `F.unfold` of k and v over all window starts, then the start of each
@@ -113,7 +117,7 @@ def worker(impl: str, size: int, heads: int, kernel: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_refine.ops.neighborhood import bias_start, na2d_av, na2d_qk, window_start
+    from jax_refine.ops.neighborhood import bias_start, na2d, na2d_av, na2d_qk, window_start
 
     q, k, v, g = (jnp.asarray(a) for a in arrays)
     rpb = jnp.asarray(rpb_np)
@@ -122,6 +126,12 @@ def worker(impl: str, size: int, heads: int, kernel: int, repeats: int) -> dict:
         def forward(q, k, v, rpb):
             logits = na2d_qk(q, k, rpb, L)
             return na2d_av(jax.nn.softmax(logits, axis=-1), v, L)
+
+    elif impl in ("na2d", "pallas"):
+        implementation = None if impl == "na2d" else "pallas"
+
+        def forward(q, k, v, rpb):
+            return na2d(q, k, v, L, rpb=rpb, scale=1.0, implementation=implementation)
 
     else:
         rows = window_start(size, L)[:, None] + np.arange(L)[None]  # [size, L]
@@ -173,6 +183,7 @@ def main() -> None:
         "--max-torch-gb", type=float, default=2.5, help="the same limit for the (slow) torch run"
     )
     parser.add_argument("--sizes", type=int, nargs="*", help="only these map sizes")
+    parser.add_argument("--pallas", action="store_true", help="also run the Pallas kernel")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "SIZE", "HEADS", "L"))
     args = parser.parse_args()
     if args.worker:
@@ -199,7 +210,8 @@ def main() -> None:
     for size, heads, kernel in configs:
         gathered_gb = 2 * size * size * kernel**2 * heads * 32 * 4 / 1e9  # k and v neighbourhoods
         ours = run_config("ours", size, heads, kernel, args.repeats)
-        for impl in ("ours", "gather", "torch"):
+        impls = ("ours", "na2d") + (("pallas",) if args.pallas else ()) + ("gather", "torch")
+        for impl in impls:
             label = f"{size:>4}^2 {heads:>5} {kernel:>2} {impl:>6} |"
             if impl == "ours":
                 r = ours

@@ -1,5 +1,7 @@
 """Shapes, conventions and transformations of the PNA attention layers."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,24 @@ def test_channel_attention_temperature_and_errors():
         ChannelAttention(4).init(KEY, x)
     with pytest.raises(ValueError, match=r"\[B, H, W, 8\]"):
         NeighborhoodCrossAttention(8, 2, 3).init(KEY, x, x)
+
+
+def test_neighborhood_attention_implementations_agree():
+    """The layer's na2d call: the fused Pallas kernel (interpret mode here) equals "xla" in
+    values and parameter gradients (the default on CPU is "xla")."""
+    x, v = _maps((1, 9, 10, 32))
+    layers = {i: NeighborhoodCrossAttention(32, 2, 3, implementation=i) for i in ("xla", "pallas")}
+    params = layers["xla"].init(KEY, x, v)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def out_and_grads(impl, params):
+        def loss(params):
+            out = layers[impl].apply(params, x, v)
+            return jnp.sum(out**2), out
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    ours, ref = out_and_grads("pallas", params), out_and_grads("xla", params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), ours, ref
+    )

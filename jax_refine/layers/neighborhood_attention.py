@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_refine.ops.neighborhood import na2d_av, na2d_qk
+from jax_refine.ops.neighborhood import na2d, na2d_av, na2d_qk
 
 Dtype = Any
 
@@ -33,6 +33,7 @@ class NeighborhoodCrossAttention(nn.Module):
       attn_dropout_rate: dropout on the attention weights.
       proj_dropout_rate: dropout after `proj`.
       dtype, param_dtype: computation and parameter dtypes (softmax in float32).
+      implementation: `na2d`'s kernel: None (the backend's best), "xla" or "pallas".
     Call `(x, value, *, deterministic=True)` with x, value `[B, H, W, C]` -> `[B, H, W, C]`.
     """
 
@@ -47,6 +48,7 @@ class NeighborhoodCrossAttention(nn.Module):
     proj_dropout_rate: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, value: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -69,7 +71,7 @@ class NeighborhoodCrossAttention(nn.Module):
         dense = dict(use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         qk = nn.Dense(2 * C, name="qk", **dense)(x).reshape(B, H, W, 2, heads, head_dim)
         v = nn.Dense(C, name="embed_v", **dense)(value).reshape(B, H, W, heads, head_dim)
-        q, k = qk[:, :, :, 0] * scale, qk[:, :, :, 1]
+        q, k = qk[:, :, :, 0], qk[:, :, :, 1]
         rpb = None
         if self.use_rpb:
             rpb = self.param(
@@ -78,10 +80,18 @@ class NeighborhoodCrossAttention(nn.Module):
                 (heads, 2 * L - 1, 2 * L - 1),
                 self.param_dtype,
             )
-            rpb = rpb.astype(q.dtype)
-        logits = na2d_qk(q, k, rpb, L, self.dilation)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=deterministic)
-        out = na2d_av(attn, v, L, self.dilation).reshape(B, H, W, C)[:, :H0, :W0]
+        if self.attn_dropout_rate and not deterministic:
+            q = q * scale
+            rpb = None if rpb is None else rpb.astype(q.dtype)
+            logits = na2d_qk(q, k, rpb, L, self.dilation)
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=False)
+            out = na2d_av(attn, v, L, self.dilation)
+        else:
+            out = na2d(
+                q, k, v, L, dilation=self.dilation, rpb=rpb, scale=scale,
+                implementation=self.implementation,
+            )  # fmt: skip
+        out = out.reshape(B, H, W, C)[:, :H0, :W0]
         out = nn.Dense(C, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
         return nn.Dropout(self.proj_dropout_rate)(out, deterministic=deterministic)

@@ -33,6 +33,7 @@ class PNALayer(nn.Module):
       dropout_rate: dropout after the NAM projection and in the Mlp.
       attn_dropout_rate: dropout on the NAM attention weights.
       dtype, param_dtype: computation and parameter dtypes.
+      attention_implementation: the NAM's `na2d` kernel (None: the backend's best).
     Call `(x, v, *, deterministic=True)` with `[B, H, W, C]` each -> `[B, H, W, C]`.
     Submodules (reference names): `atten1`, `norm1`, `norm1_2`, `attn`, `norm2`, `mlp`,
     `out_norm`.
@@ -49,6 +50,7 @@ class PNALayer(nn.Module):
     attn_dropout_rate: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, v: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -64,6 +66,7 @@ class PNALayer(nn.Module):
             qkv_bias=self.qkv_bias,
             attn_dropout_rate=self.attn_dropout_rate,
             proj_dropout_rate=self.dropout_rate,
+            implementation=self.attention_implementation,
             name="attn",
             **types,
         )(x, v, deterministic=deterministic)

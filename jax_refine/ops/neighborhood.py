@@ -26,6 +26,10 @@ operand (both operands keep D minor), the logits are picked straight into the fi
 and the bias comes from a small per-row-class table instead of a per-element gather of rpb.
 Tilings with fewer wasted multiply-adds (1 x 8 query strips per window row offset, 4 x 4 or
 2 x 8 tiles) were measured slower: XLA:CPU runs many tiny matmuls poorly.
+
+The fused op `na2d` (qk + rpb -> softmax -> av) has two implementations: "xla" composes the
+tiled kernels above (the CPU default), "pallas" is the fused kernel of
+`jax_refine.ops.neighborhood_pallas` (the GPU/TPU default; Pallas interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["na2d_qk", "na2d_av", "window_start", "bias_start"]
+__all__ = ["na2d", "na2d_qk", "na2d_av", "window_start", "bias_start"]
 
 _TILE = 8  # q.k works on tiles of (up to) _TILE x _TILE queries.
 
@@ -418,3 +422,73 @@ def na2d_av(attn: jax.Array, value: jax.Array, kernel_size: int, dilation: int =
     if attn.shape != expected:
         raise ValueError(f"attn must have shape {expected}, got {attn.shape}.")
     return _av(attn, value, kernel_size, dilation)
+
+
+def _na2d_xla(query, key, value, rpb, L: int, d: int, scale: float) -> jax.Array:
+    """`na2d` composed of the tiled kernels: logits (float32) -> softmax -> weighted sum."""
+    q = (query.astype(jnp.float32) * scale).astype(query.dtype)
+    logits = na2d_qk(q, key, rpb, L, d)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    return na2d_av(attn, value, L, d)
+
+
+_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kernel_size", "dilation", "scale", "implementation")
+)
+def na2d(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    kernel_size: int,
+    *,
+    dilation: int = 1,
+    rpb: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Neighborhood attention in one op: softmax(scale * q . k + rpb) . v over each window.
+
+    Exactly `na2d_av(softmax(na2d_qk(scale * query, key, rpb)), value)` (NATTEN 0.14.5
+    semantics: clamped windows, bias index at the borders, dilation within residue classes).
+
+    Args:
+      query, key, value: `[B, H, W, heads, D]`, one dtype (float32, bfloat16 or float16).
+      kernel_size: odd window size L; H, W >= L * dilation.
+      dilation: window dilation d.
+      rpb: relative position bias `[heads, 2L-1, 2L-1]`, or None.
+      scale: query scale; None means D ** -0.5.
+      implementation: None (the best for the backend: "xla" on CPU, "pallas" on GPU/TPU),
+        "xla" (the tiled kernels, logits materialised in float32) or "pallas" (the fused
+        kernel: logits stay on-chip, only a per-query log-sum-exp is saved for the backward;
+        runs in Pallas interpret mode on CPU, slowly).
+
+    Returns:
+      `[B, H, W, heads, D]` in the dtype of the inputs (float32 accumulation). Differentiable
+      in query, key, value and rpb.
+    """
+    _check_inputs("query", query, kernel_size, dilation)
+    for name, x in (("key", key), ("value", value)):
+        if x.shape != query.shape:
+            raise ValueError(f"{name} shape {x.shape} != query shape {query.shape}.")
+        if x.dtype != query.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} != query dtype {query.dtype}.")
+    heads, n = query.shape[3], 2 * kernel_size - 1
+    if rpb is not None and rpb.shape != (heads, n, n):
+        raise ValueError(f"rpb must be [heads, 2L-1, 2L-1] = {(heads, n, n)}, got {rpb.shape}.")
+    if implementation is None:
+        implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be None or one of {_IMPLEMENTATIONS}, got {implementation!r}."
+        )
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if implementation == "xla":
+        return _na2d_xla(query, key, value, rpb, kernel_size, dilation, scale)
+    from jax_refine.ops.neighborhood_pallas import na2d_pallas
+
+    if rpb is None:
+        rpb = jnp.zeros((heads, n, n), jnp.float32)
+    return na2d_pallas(query, key, value, rpb, kernel_size, dilation, scale)
