@@ -27,9 +27,9 @@ Method. Every case runs in its own subprocess (this file with `--worker`), so th
 device memory read at its end is that case's alone (JAX: `memory_stats()
 ['peak_bytes_in_use']` with XLA_PYTHON_CLIENT_PREALLOCATE=false; PyTorch:
 `torch.cuda.max_memory_allocated()`; NaN on a CPU). All workers start together and build their
-step at once (JAX compiles ahead of time, on the host's cores in parallel); each then waits
-until this process lets it run, one case at a time, so no two cases share the device while
-timed: `WARMUP` steps, then `STEPS` steps each ended by `jax.block_until_ready` /
+step at once (JAX compiles ahead of time, on the host's cores in parallel); once all are
+ready, this process lets them run one case at a time, so no two cases share the device while
+one is timed: `WARMUP` steps, then `STEPS` steps each ended by `jax.block_until_ready` /
 `torch.cuda.synchronize()`, reported as the median. The parent must not hold most of the
 GPU's memory itself (JAX preallocates 75% in a process that has touched the GPU). A case that
 fails, or is still running when `BUDGET_S` is spent, becomes a row with an "error".
@@ -84,6 +84,10 @@ PNA_CLASSES = 21
 PNA_LOSS = dict(coarse_loss="cross_entropy", stage_loss="cross_entropy", coarse_weight=1.0,
                 stage_weight=0.1)
 PNA_LR, PNA_STEPS, PNA_POWER, PNA_WD, PNA_CLIP = 1e-4, 20_000, 0.9, 0.01, 0.01
+# Row fields: ms_per_step (median), steps_per_s and images_per_s (from it), vs_pytorch (this
+# row's time / the PyTorch row's of the task), peak_device_gib, compile_s (JAX: state init and
+# the step's ahead-of-time compile; NaN for PyTorch), loss_first / loss_last (the first and
+# the last step's loss), param_dtype (of the trained parameters), error ("" when it ran).
 KEYS = ("case", "impl", "dtype", "precision", "device", "batch", "image_size", "ms_per_step",
         "steps_per_s", "images_per_s", "vs_pytorch", "peak_device_gib", "compile_s",
         "timed_steps", "loss_first", "loss_last", "param_dtype", "error")
@@ -297,7 +301,7 @@ class _Worker:
                 return line[len(word):].strip()
 
     def result(self, deadline: float) -> dict:
-        self.expect("READY", deadline)
+        """Let the (ready) worker run its timed steps; its measurements."""
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         return json.loads(self.expect("RESULT", deadline))
@@ -329,20 +333,31 @@ def run(small: bool) -> list[dict]:
     vs_pytorch = ms_per_step / the PyTorch mirror's ms_per_step for the same task.
     """
     deadline = time.monotonic() + (SMALL_BUDGET_S if small else BUDGET_S)
-    rows = []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         workers = [_Worker(case, small, Path(tmp)) for case in CASES]
         try:
+            # Every worker builds and compiles first (XLA's GPU autotuning runs kernels on the
+            # device), then they are timed one at a time.
             for w in workers:
                 try:
-                    rows.append(_row(w.case, small, w.result(deadline), ""))
+                    w.expect("READY", deadline)
                 except Exception as e:  # noqa: BLE001 - every failure becomes a row
-                    rows.append(_row(w.case, small, None, f"{type(e).__name__}: {e}"))
+                    rows[w.case] = _row(w.case, small, None, f"{type(e).__name__}: {e}")
+                    w.close()
+            for w in workers:
+                if w.case in rows:
+                    continue
+                try:
+                    rows[w.case] = _row(w.case, small, w.result(deadline), "")
+                except Exception as e:  # noqa: BLE001
+                    rows[w.case] = _row(w.case, small, None, f"{type(e).__name__}: {e}")
                 finally:
                     w.close()
         finally:
             for w in workers:
                 w.close()
+    rows = [rows[case] for case in CASES]
     for row in rows:
         ref = [r for r in rows if r["case"] == row["case"] and r["impl"] == "pytorch"]
         if ref and not row["error"] and not ref[0]["error"]:
