@@ -5,9 +5,11 @@
 
 Each side runs in its own subprocess (peak memory = that process's max RSS): build the
 model, then `--steps` timed training steps (forward at all 224x224 pixel centres, the four
-CRM losses, backward, Adam with weight decay 1e-4) after one untimed warm-up step (JAX
-compiles there). PyTorch uses the official model (tests/torch_mirrors/crm.py: layer4
-computed, per-query 262-d MLP) with torch.set_num_threads(--threads).
+CRM losses, backward, Adam with weight decay 1e-4) after one untimed warm-up step (JAX's
+printed warm-up also holds its state init and ahead-of-time compile). PyTorch uses the
+official model (tests/torch_mirrors/crm.py: layer4 computed, per-query 262-d MLP) with
+torch.set_num_threads(--threads). The step builders (`jax_crm_step`, `torch_crm_step`) are
+shared with benchmarks/accelerator_train.py.
 """
 
 from __future__ import annotations
