@@ -61,8 +61,12 @@ def image(size: int) -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
 
 
-def torch_model():
-    """The mirror: R-52 at output stride 32, mmseg FCNHead, PNA head (unfold attention)."""
+def torch_model(tiny: bool = False, num_classes: int = NUM_CLASSES):
+    """The mirror: R-52 at output stride 32, mmseg FCNHead, PNA head (unfold attention).
+
+    tiny (CPU tests of the training benchmark): one block per stage, FCN head of 16 channels
+    and one convolution, PNA widths 32 and windows 3.
+    """
     sys.path.insert(0, str(ROOT))
     from tests.torch_mirrors import detectron2 as d2
     from tests.torch_mirrors import pna as tp
@@ -70,10 +74,16 @@ def torch_model():
 
     attention = pna_layers.NeighborhoodCrossAttention
     attention.neighbourhood_ops = (pna_layers.unfold_qkrpb, pna_layers.unfold_av)
-    backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=1, multi_grid=(1, 1, 1))
-    pna = tp.PNAHead((256, 512, 1024, 2048), NUM_CLASSES)
-    model = tp.PNASegmentor(backbone, FCNCoarse(d2.FCNHead(NUM_CLASSES)), pna, 0)
-    return model
+    backbone = d2.DeepLabResNet(50, "deeplab", res5_dilation=1, multi_grid=(1, 1, 1),
+                                blocks=[1, 1, 1, 1] if tiny else None)
+    if tiny:
+        head = d2.FCNHead(num_classes, channels=16, num_convs=1)
+        pna = tp.PNAHead((256, 512, 1024, 2048), num_classes, embed_dims=(32,) * 4,
+                         window_sizes=(3,) * 4)
+    else:
+        head = d2.FCNHead(num_classes)
+        pna = tp.PNAHead((256, 512, 1024, 2048), num_classes)
+    return tp.PNASegmentor(backbone, FCNCoarse(head), pna, 0)
 
 
 def FCNCoarse(head):  # noqa: N802 - a factory returning an nn.Module

@@ -5,9 +5,11 @@
 
 Each side runs in its own subprocess (peak memory = that process's max RSS): build the
 model, then `--steps` timed training steps (forward at all 224x224 pixel centres, the four
-CRM losses, backward, Adam with weight decay 1e-4) after one untimed warm-up step (JAX
-compiles there). PyTorch uses the official model (tests/torch_mirrors/crm.py: layer4
-computed, per-query 262-d MLP) with torch.set_num_threads(--threads).
+CRM losses, backward, Adam with weight decay 1e-4) after one untimed warm-up step (JAX's
+printed warm-up also holds its state init and ahead-of-time compile). PyTorch uses the
+official model (tests/torch_mirrors/crm.py: layer4 computed, per-query 262-d MLP) with
+torch.set_num_threads(--threads). The step builders (`jax_crm_step`, `torch_crm_step`) are
+shared with benchmarks/accelerator_train.py.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from workers import run_worker  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-def _batch(batch: int, crop: int):
+def crm_batch(batch: int, crop: int) -> dict:
+    """A fixed CRM batch (numpy NHWC): normal image, a box ground truth, its mask with 5% of
+    the pixels flipped (in [-1, 1])."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -39,7 +42,10 @@ def _batch(batch: int, crop: int):
     }
 
 
-def worker_jax(args) -> dict:
+def jax_crm_step(batch: int, crop: int, model=None):
+    """The JAX side: `step() -> metrics` of the paper's CRM training step (every query, Adam
+    with L2 weight decay) on one fixed batch, compiled here; `model` defaults to the paper's
+    `CRM()`."""
     import functools
 
     import jax
@@ -49,27 +55,49 @@ def worker_jax(args) -> dict:
     from jax_refine.train import optim
     from jax_refine.train import step as step_lib
 
-    model = CRM()  # the paper's ResNet-50 CRM
+    model = CRM() if model is None else model
     tx, schedule = optim.crm_optimizer(2.25e-4, 45_000)
     mesh = mesh_lib.make_mesh()
-    state = step_lib.jit_init_state(model, tx, step_lib.example_inputs(1, args.crop),
+    state = step_lib.jit_init_state(model, tx, step_lib.example_inputs(1, crop),
                                     mesh)(jax.random.key(0))
     train_step = step_lib.jit_train_step(
         functools.partial(step_lib.crm_train_step, model=model, tx=tx, schedule=schedule), mesh)
-    batch = mesh_lib.global_batch(mesh, _batch(args.batch, args.crop))
+    data = mesh_lib.global_batch(mesh, crm_batch(batch, crop))
+    return aot_stepper(train_step, state, data)
+
+
+def aot_stepper(train_step, state, batch):
+    """Compile the jitted (state-donating) `train_step` for (state, batch) ahead of time;
+    return `step() -> metrics`, which applies it to the current state (`step.state()`) and
+    the fixed batch."""
+    compiled = train_step.lower(state, batch).compile()
+    box = [state]
+
+    def step():
+        box[0], metrics = compiled(box[0], batch)
+        return metrics
+
+    step.state = lambda: box[0]  # the current TrainState
+    return step
+
+
+def worker_jax(args) -> dict:
     start = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    float(metrics["loss"])
+    step = jax_crm_step(args.batch, args.crop)
+    float(step()["loss"])
     warmup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = train_step(state, batch)
-        loss = float(metrics["loss"])
+        loss = float(step()["loss"])
     seconds = (time.perf_counter() - start) / args.steps
     return {"seconds": seconds, "warmup": warmup, "max_rss_mb": max_rss_mb(), "loss": loss}
 
 
-def worker_torch(args) -> dict:
+def torch_crm_step(batch: int, crop: int, device: str = "cpu", tiny: bool = False):
+    """The PyTorch side: `step() -> loss tensor` of the reference's training step (the
+    official model `tests/torch_mirrors/crm.py`, layer4 computed, per-query 262-d MLP; the
+    four CRM losses; backward; Adam with weight_decay 1e-4) on one fixed batch on `device`.
+    tiny: one bottleneck block per stage (CPU tests)."""
     import torch
     import torch.nn.functional as F
 
@@ -77,16 +105,18 @@ def worker_torch(args) -> dict:
     from jax_refine.ops.sobel import GX, GY
     from tests.torch_mirrors import crm as mirror
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = mirror.CRMNet().train()
+    model = mirror.CRMNet()
+    if tiny:
+        model.feats = mirror.ResNet(layers=(1, 1, 1, 1))
+    model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=2.25e-4, weight_decay=1e-4)
-    data = {k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous()
-            for k, v in _batch(args.batch, args.crop).items()}
-    coord = mirror.make_coord((args.crop, args.crop)).unsqueeze(0).expand(args.batch, -1, -1)
-    cell = torch.ones_like(coord) * torch.tensor([2 / args.crop, 2 / args.crop])
-    kx = torch.tensor(GX)[None, None]
-    ky = torch.tensor(GY)[None, None]
+    data = {k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous().to(device)
+            for k, v in crm_batch(batch, crop).items()}
+    coord = mirror.make_coord((crop, crop)).unsqueeze(0).expand(batch, -1, -1).to(device)
+    cell = torch.ones_like(coord) * torch.tensor([2 / crop, 2 / crop], device=device)
+    kx = torch.tensor(GX, device=device)[None, None]
+    ky = torch.tensor(GY, device=device)[None, None]
 
     def sobel(x):
         x = F.avg_pool2d(x, 3, stride=1, padding=1)
@@ -96,7 +126,7 @@ def worker_torch(args) -> dict:
     def step():
         opt.zero_grad()
         logits = model(data["image"], data["mask"], coord, cell)
-        logits = logits.view(args.batch, 1, args.crop, args.crop)
+        logits = logits.view(batch, 1, crop, crop)
         p = torch.sigmoid(logits)
         gt = data["gt"]
         loss = (F.binary_cross_entropy_with_logits(logits, (gt > 0.5).float())
@@ -104,14 +134,22 @@ def worker_torch(args) -> dict:
                 + 2.0 * F.l1_loss(sobel(gt), sobel(p)))
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.detach()
 
+    return step
+
+
+def worker_torch(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = torch_crm_step(args.batch, args.crop)
     start = time.perf_counter()
     step()
     warmup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = step()
+        loss = float(step())
     seconds = (time.perf_counter() - start) / args.steps
     return {"seconds": seconds, "warmup": warmup, "max_rss_mb": max_rss_mb(), "loss": loss}
 

@@ -182,7 +182,8 @@ def test_scanned_blocks_equal_unrolled_blocks():
                            train(variables, x))
 
 
-# 5 input channels: XLA's kernel gradient for k x k; PER_TAP_MIN_CHANNELS: the per-tap one.
+# 5 input channels: XLA's kernel gradient for k x k; PER_TAP_MIN_CHANNELS: the per-tap one
+# (CPU, where this runs; tests/test_train_backends.py checks the choice by platform).
 @pytest.mark.parametrize("channels", [5, resnet.PER_TAP_MIN_CHANNELS])
 @pytest.mark.parametrize("kernel,stride,pad,dilation", [
     (1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (7, 2, 3, 1),

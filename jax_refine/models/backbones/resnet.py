@@ -80,7 +80,8 @@ def _conv_forward(x: Array, kernel: Array, strides, padding: Pairs, dilation) ->
     )
 
 
-# Input channels from which `conv2d` computes a k x k kernel gradient per tap (1x1: always).
+# Input channels from which `conv2d` computes a k x k kernel gradient per tap on CPU (1x1:
+# always).
 PER_TAP_MIN_CHANNELS = 128
 
 
@@ -94,14 +95,21 @@ def conv2d(
 ) -> Array:
     """`lax.conv_general_dilated` on x [B, H, W, Cin], kernel [kh, kw, Cin, Cout] (NHWC/HWIO).
 
-    The value and the input gradient are XLA's. The kernel gradient of a 1x1 convolution, and
-    of a k x k one with at least `PER_TAP_MIN_CHANNELS` input channels, is one matrix product
-    per kernel tap: the output gradient transposed once to [Cout, B*H*W] times the tap's
-    strided view of the padded input [B*H*W, Cin]. That is the same sums as XLA's
-    kernel-gradient convolution up to float32 summation order, in the operand layouts XLA:CPU's
-    matmul takes without copies, and 2-16x faster than that convolution at ResNet-50's wide
-    layers (benchmarks/README.md, "Training"); on narrower k x k layers XLA's is as fast or
-    faster and is kept.
+    The value and the input gradient are XLA's. The kernel gradient is chosen by backend
+    inside the backward pass (`jax.lax.platform_dependent`, resolved when the step is lowered,
+    so an export for CUDA or TPU holds only the accelerator branch):
+
+    * CPU: for a 1x1 convolution, and a k x k one with at least `PER_TAP_MIN_CHANNELS` input
+      channels, `per_tap_kernel_grad` (one matrix product per kernel tap, a `lax.scan`):
+      2-16x faster than XLA:CPU's kernel-gradient convolution at ResNet-50's wide layers
+      (benchmarks/README.md, "Training"); on narrower k x k layers XLA's is as fast or faster
+      and is kept.
+    * GPU, TPU and any other backend: XLA's kernel-gradient convolution (cuDNN / the TPU
+      convolution emitter). The per-tap scan lowers to a while loop of small serialised
+      matmuls there (43 loops in the paper's CRM step), and the whole step was measured
+      faster without it on an H200 (DESIGN.md, section 7).
+
+    Both compute the same sums up to float32 summation order.
     """
     return _conv_forward(x, kernel, strides, padding, dilation)
 
@@ -110,13 +118,29 @@ def _conv2d_fwd(x, kernel, strides, padding, dilation):
     return _conv_forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _conv2d_bwd(strides, padding, dilation, residuals, grad):
-    x, kernel = residuals
+def xla_kernel_grad(
+    x: Array, kernel: Array, grad: Array, strides: tuple[int, int], padding: Pairs,
+    dilation: tuple[int, int],
+) -> Array:
+    """XLA's kernel gradient [kh, kw, Cin, Cout] of `conv2d(x, kernel)` for the output
+    gradient `grad` [B, rows, cols, Cout] (a convolution; linear, so kernel's values are
+    unused)."""
+    _, vjp = jax.vjp(lambda k: _conv_forward(x, k, strides, padding, dilation), kernel)
+    return vjp(grad)[0]
+
+
+def per_tap_kernel_grad(
+    x: Array, kernel: Array, grad: Array, strides: tuple[int, int], padding: Pairs,
+    dilation: tuple[int, int],
+) -> Array:
+    """The kernel gradient [kh, kw, Cin, Cout] as one matrix product per kernel tap.
+
+    The output gradient grad [B, rows, cols, Cout] transposed once to [Cout, B*rows*cols]
+    times the tap's strided view of the padded input [B*rows*cols, Cin], in a `lax.scan` over
+    the taps (one view live at a time): the operand layouts XLA:CPU's matmul takes without
+    copies. Same sums as `xla_kernel_grad` up to float32 summation order.
+    """
     kh, kw, cin, cout = kernel.shape
-    if kh * kw > 1 and cin < PER_TAP_MIN_CHANNELS:
-        _, vjp = jax.vjp(lambda x, k: _conv_forward(x, k, strides, padding, dilation), x, kernel)
-        return vjp(grad)
-    _, vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, dilation), x)
     rows, cols = grad.shape[1:3]
     (sy, sx), (dy, dx) = strides, dilation
     grad_t = grad.reshape(-1, cout).T  # [Cout, B*rows*cols], shared by every tap
@@ -131,14 +155,25 @@ def _conv2d_bwd(strides, padding, dilation, residuals, grad):
     xp = xp.reshape(b, hp // sy, sy, wp // sx, sx, cin)
     offsets = np.array([(ky * dy, kx * dx) for ky in range(kh) for kx in range(kw)], np.int32)
 
-    def tap(_, offset):  # [Cout, Cin]; one tap view live at a time
+    def tap(_, offset):  # [Cout, Cin]
         r0, c0 = offset[0], offset[1]
         start = (0, r0 // sy, r0 % sy, c0 // sx, c0 % sx, 0)
         view = jax.lax.dynamic_slice(xp, start, (b, rows, 1, cols, 1, cin))
         return None, grad_t @ view.reshape(-1, cin)
 
     _, taps = jax.lax.scan(tap, None, jnp.asarray(offsets))
-    return vjp(grad)[0], taps.transpose(0, 2, 1).reshape(kernel.shape)
+    return taps.transpose(0, 2, 1).reshape(kernel.shape)
+
+
+def _conv2d_bwd(strides, padding, dilation, residuals, grad):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, dilation), x)
+    kh, kw, cin, _ = kernel.shape
+    xla, per_tap = (functools.partial(f, strides=strides, padding=padding, dilation=dilation)
+                    for f in (xla_kernel_grad, per_tap_kernel_grad))
+    if kh * kw > 1 and cin < PER_TAP_MIN_CHANNELS:
+        return vjp(grad)[0], xla(x, kernel, grad)
+    return vjp(grad)[0], jax.lax.platform_dependent(x, kernel, grad, cpu=per_tap, default=xla)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
