@@ -109,7 +109,7 @@ def test_stage_evaluation_matches_a_direct_computation():
     labels[:3] = 255
     preds = [np.asarray(x[0]).argmax(-1) for x in out]
     sample = evaluate_pna.Sample("s", np.zeros((h, w, 3), np.uint8), labels)
-    r = evaluate_pna.evaluate_samples(lambda image: np.stack(preds), iter([sample]), k)
+    r = evaluate_pna.evaluate_samples(lambda images: [np.stack(preds)], iter([sample]), k)
     for i, pred in enumerate(preds):
         valid = labels != 255
         ious = []

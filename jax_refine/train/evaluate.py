@@ -177,8 +177,16 @@ def steps_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(
-    checkpoint: str | Path,
+def eval_kwargs(eval_config: Any) -> dict[str, Any]:
+    """`evaluate_refiner` keyword arguments of a config's `eval` block (evaluate.py, the
+    training loop's `eval_every`)."""
+    e = eval_config
+    return {"folder": e.folder, "scales": tuple(e.scales), "num_images": e.num_images,
+            "num_pngs": e.num_pngs, "synthetic_size": e.get("synthetic_size", 2048)}
+
+
+def evaluate_refiner(
+    refiner: Any,
     out_dir: str | Path,
     *,
     folder: str = "",
@@ -188,13 +196,11 @@ def evaluate(
     synthetic_size: int = 2048,
     synthetic_kinds: Sequence[str] = ("perturb", "lowres"),
 ) -> dict[str, Any]:
-    """Evaluate a Refiner checkpoint on a BIG folder (if given) or held-out synthetic scenes.
+    """Evaluate a Refiner on a BIG folder (if given) or held-out synthetic scenes.
 
-    Writes out_dir/metrics.json and PNGs under out_dir/pngs; returns the metrics by set.
+    Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
+    metrics by set.
     """
-    from jax_refine.refine import Refiner
-
-    refiner = Refiner.from_checkpoint(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -208,5 +214,19 @@ def evaluate(
             results[f"synthetic{synthetic_size}_{kind}"] = evaluate_samples(
                 refiner, synthetic_scenes(n, synthetic_size, kind), scales,
                 out_dir=out_dir / "pngs", num_pngs=max(1, num_pngs // len(synthetic_kinds)))
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", results)
     return results
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(checkpoint: str | Path, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """`evaluate_refiner` of the Refiner checkpoint directory `checkpoint`."""
+    from jax_refine.refine import Refiner
+
+    return evaluate_refiner(Refiner.from_checkpoint(checkpoint), out_dir, **kwargs)
