@@ -128,7 +128,8 @@ def _crm_export(config, directory, model, variables) -> None:
 
 def _crm_evaluator(config, model):
     """IoU / mBA of coarse and refined masks on config.eval's set (`evaluate.evaluate_refiner`,
-    as evaluate.py) with one float32 Refiner whose weights are swapped at each call."""
+    as evaluate.py, batched through `Refiner.refine_batch`: the final scale only) with one
+    float32 Refiner whose weights are swapped at each call (its compilations are reused)."""
     refiner = None
 
     def run(variables, out_dir):
@@ -137,7 +138,8 @@ def _crm_evaluator(config, model):
         if refiner is None:
             refiner = refine.Refiner(model.clone(dtype=jnp.float32), variables)
         refiner.variables = variables
-        return crm_eval.evaluate_refiner(refiner, out_dir, **crm_eval.eval_kwargs(config.eval))
+        return crm_eval.evaluate_refiner(refiner, out_dir, per_step=False,
+                                         **crm_eval.eval_kwargs(config.eval))
 
     return run
 
