@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from train_helpers import ROOT, load_config, tiny_config
+from train_helpers import ROOT, compilation_cache, load_config, tiny_config  # noqa: F401
 
 from jax_refine.data import pipeline
 from jax_refine.models import pna

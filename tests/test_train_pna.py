@@ -11,7 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import ROOT, load_config, with_overrides
+from train_helpers import (  # noqa: F401
+    ROOT,
+    compilation_cache,
+    load_config,
+    with_overrides,
+)
 
 from jax_refine.models import pna as pna_lib
 from jax_refine.train import evaluate_pna, loop

@@ -17,9 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from train_helpers import ROOT, tiny_config, tiny_flags
+from train_helpers import ROOT, compilation_cache, tiny_config, tiny_flags  # noqa: F401
 
-from jax_refine.refine import enable_compilation_cache
 from jax_refine.train import cli_flags, loop
 from jax_refine.train.checkpoint import Checkpointer
 
@@ -36,18 +35,6 @@ def _assert_bitwise_equal(a, b):
     assert len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The four runs compile the same programs: compile them once (persistent cache)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {name: getattr(jax.config, name) for name in names}
-    enable_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
