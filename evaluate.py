@@ -5,6 +5,7 @@ format); data from config.eval (a BIG folder, or held-out synthetic scenes); IoU
 the coarse and refined masks, and of the mask after each scale of the schedule. PNA
 (config.task 'pna'): uses DIR/pna (or `--checkpoint`); per-stage mIoU P0..P4 on
 config.eval's semantic_folder split or held-out synthetic scenes.
+The same code runs inside training with `config.eval_every`.
 Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints markdown tables.
 """
 
@@ -13,8 +14,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jax_refine.train import cli_flags, evaluate_pna
 from jax_refine.train import evaluate as crm_eval
-from jax_refine.train import evaluate_pna
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -39,11 +40,7 @@ def main(argv):
         results = evaluate_pna.evaluate(config, checkpoint, out)
         print(evaluate_pna.markdown_table(results))
     else:
-        e = config.eval
-        results = crm_eval.evaluate(
-            checkpoint, out, folder=e.folder, scales=tuple(e.scales), num_images=e.num_images,
-            num_pngs=e.num_pngs, synthetic_size=e.get("synthetic_size", 2048),
-        )
+        results = crm_eval.evaluate(checkpoint, out, **crm_eval.eval_kwargs(config.eval))
         print(crm_eval.markdown_table(results))
         print(crm_eval.steps_table(results))
     for r in results.values():
@@ -53,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse_flags)

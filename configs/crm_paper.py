@@ -60,12 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay f32)
     config.seed = 0
 
-    config.log_every = 50  # steps between TensorBoard writes
+    config.log_every = 50  # steps between metric writes (means over the interval)
     config.checkpoint_every = 2_500
     config.keep_checkpoints = 3
     config.export_every_checkpoint = False  # also refresh workdir/refiner at each checkpoint
     config.init_from = ""  # Refiner checkpoint dir or torchvision ResNet .pth ('' = scratch)
     config.distributed = False  # force jax.distributed.initialize() (cluster auto-detect)
+    # Every eval_every steps (and at the end) the loop runs this config's evaluation (the
+    # `eval` block below, as evaluate.py) and writes its scalars and a panel to TensorBoard
+    # and WORKDIR/eval/step_N; 0 = never.
+    config.eval_every = 0
+    config.profile_every = 0  # steps between 5-step jax.profiler traces (0 = none)
+    # GPU: XLA_FLAGS=--xla_gpu_deterministic_ops=true, needed for bitwise-exact resume and
+    # repeatable runs on GPUs (scatter-add gradients are otherwise non-deterministic); slower.
+    config.deterministic = False
 
     # evaluate.py: a BIG-layout folder (name_im.jpg, name_gt.png, name_seg.png).
     config.eval = ml_collections.ConfigDict()

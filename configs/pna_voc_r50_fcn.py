@@ -92,6 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
     # backbone ('' = scratch); see jax_refine.train.checkpoint.load_pna_init_variables.
     config.init_from = ""
     config.distributed = False  # force jax.distributed.initialize() (cluster auto-detect)
+    # Every eval_every steps (and at the end) the loop runs this config's evaluation (the
+    # `eval` block below, as evaluate.py) and writes its scalars and a panel to TensorBoard
+    # and WORKDIR/eval/step_N; 0 = never.
+    config.eval_every = 0
+    config.profile_every = 0  # steps between 5-step jax.profiler traces (0 = none)
+    # GPU: XLA_FLAGS=--xla_gpu_deterministic_ops=true, needed for bitwise-exact resume and
+    # repeatable runs on GPUs (scatter-add gradients are otherwise non-deterministic); slower.
+    config.deterministic = False
 
     # evaluate.py: per-stage mIoU on a semantic_folder split (or held-out synthetic scenes
     # when dataset.name is 'synthetic'); full images, no resizing.
@@ -102,4 +110,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.synthetic_size = 0  # synthetic only: scene side
     config.eval.num_images = 0  # 0 = all
     config.eval.num_pngs = 4  # side-by-side PNGs (image | P0 | P4 | ground truth)
+    config.eval.batch_size = 8  # images per call, sharded over all devices (shape buckets)
     return config

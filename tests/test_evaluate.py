@@ -58,6 +58,10 @@ class _Identity:
         self.calls += 1
         return [mask.astype(np.float32)] * len(scales)
 
+    def refine_batch(self, images, masks, scales):
+        self.calls += 1
+        return [mask.astype(np.float32) for mask in masks]
+
 
 class _Growing:
     """A stand-in Refiner whose step k returns the coarse mask dilated by k pixels."""
@@ -88,6 +92,19 @@ def test_metrics_are_dataset_iou_and_mean_mba(tmp_path):
     assert png.shape == (512, 4 * round(48 * 512 / 40), 3)  # image | coarse | refined | GT
     table = ev.markdown_table({"big": result})
     assert table.splitlines()[0].startswith("| set |") and "| big | 2 |" in table
+
+
+def test_batched_evaluation_scores_the_last_step(tmp_path):
+    """per_step=False (the training loop's): one refine_batch call per chunk, same scores."""
+    rng = np.random.default_rng(0)
+    _big_folder(tmp_path / "big", rng)
+    samples = list(ev.big_folder(tmp_path / "big"))
+    per_image = ev.evaluate_samples(_Identity(), iter(samples), (0.5, 1.0))
+    refiner = _Identity()
+    batched = ev.evaluate_samples(refiner, iter(samples), (0.5, 1.0), per_step=False)
+    assert refiner.calls == 1  # 'a' refined in one batch, 'b' passed through
+    assert batched["refined"] == per_image["refined"] and batched["coarse"] == per_image["coarse"]
+    assert batched["steps"] == [{"scale": 1.0, **per_image["refined"]}]
 
 
 def test_every_step_of_the_schedule_is_scored(tmp_path):

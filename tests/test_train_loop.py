@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import glob
+import json
 
 import jax
 import numpy as np
 import pytest
-from train_helpers import ROOT, load_config, tiny_config
+from train_helpers import ROOT, compilation_cache, load_config, tiny_config  # noqa: F401
 
 from jax_refine.data import pipeline
 from jax_refine.models import pna
@@ -75,7 +76,10 @@ def test_paper_config_is_the_paper_recipe():
 
 
 def test_train_exports_refiner_and_summaries(tmp_path):
-    config = tiny_config(total_steps=2, checkpoint_every=2)
+    # In-loop evaluation at the end (eval_every): one tiny held-out scene per coarse kind.
+    config = tiny_config(total_steps=2, checkpoint_every=2, eval_every=2,
+                         **{"eval.synthetic_size": 48, "eval.num_images": 1,
+                            "eval.scales": (1.0,), "eval.num_pngs": 2})
     state = loop.train_and_evaluate(config, tmp_path / "run")
     assert int(state.step) == 2
     events = glob.glob(str(tmp_path / "run" / "tensorboard" / "events.out.tfevents.*"))
@@ -86,6 +90,11 @@ def test_train_exports_refiner_and_summaries(tmp_path):
             for v in e.summary.value}
     assert {"loss", "loss_bce", "loss_l1", "loss_mse", "loss_sobel", "lr", "grad_norm",
             "steps_per_sec"} <= tags
+    for kind in ("perturb", "lowres"):
+        assert {f"eval/synthetic48_{kind}/refined_iou", f"eval/synthetic48_{kind}/coarse_mba",
+                f"eval/synthetic48_{kind}"} <= tags  # scalars and the image panel
+    saved = json.loads((tmp_path / "run" / "eval" / "step_2" / "metrics.json").read_text())
+    assert saved["synthetic48_lowres"]["num_images"] == 1
     model, variables = load_checkpoint(tmp_path / "run" / "refiner")
     assert model.depth == 18 and model.width == 8
     for a, b in zip(jax.tree_util.tree_leaves(variables["params"]),
@@ -107,8 +116,10 @@ def test_train_exports_refiner_and_summaries(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
+    # checkpoint_every=1: before the state check, the "last good checkpoint" held NaNs.
     config = tiny_config(total_steps=6, checkpoint_every=1, learning_rate=1e38)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+"):
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite loss .* at step \d+.* last finite checkpoint is "):
         loop.train_and_evaluate(config, tmp_path / "run")
     # Checkpoints hold only finite states.
     from jax_refine.train.checkpoint import Checkpointer

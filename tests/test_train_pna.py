@@ -11,7 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import ROOT, load_config, with_overrides
+from train_helpers import (  # noqa: F401
+    ROOT,
+    compilation_cache,
+    load_config,
+    with_overrides,
+)
 
 from jax_refine.models import pna as pna_lib
 from jax_refine.train import evaluate_pna, loop
@@ -44,7 +49,7 @@ def _leaves(tree):
 
 
 def test_pna_trains_exports_and_resumes_exactly(tmp_path):
-    config = tiny_pna_config()
+    config = tiny_pna_config(eval_every=4)  # per-stage mIoU inside the loop at the end
     state = loop.train_and_evaluate(config, tmp_path / "run")
     assert int(state.step) == 4
     model, variables, kwargs = pna_lib.load_checkpoint(tmp_path / "run" / "pna")
@@ -56,7 +61,10 @@ def test_pna_trains_exports_and_resumes_exactly(tmp_path):
 
     tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
             for v in e.summary.value}
-    assert {"loss", "loss_p0", "loss_p4", "lr", "grad_norm"} <= tags
+    assert {"loss", "loss_p0", "loss_p4", "lr", "grad_norm", "eval/synthetic64/P0_miou",
+            "eval/synthetic64/P4_miou", "eval/synthetic64"} <= tags
+    in_loop = json.loads((tmp_path / "run" / "eval" / "step_4" / "metrics.json").read_text())
+    config.eval_every = 0
 
     # Exact resume: drop the last checkpoint and the export; the rerun restarts at step 2
     # (state, rng and data position restored) and ends with the same parameters.
@@ -81,6 +89,22 @@ def test_pna_trains_exports_and_resumes_exactly(tmp_path):
     assert Image.open(r["pngs"][0]).size == (4 * 256, 256)  # image | P0 | P4 | GT
     table = evaluate_pna.markdown_table(results)
     assert "| synthetic64 | 2 |" in table and "P4 mIoU" in table
+    # evaluate.py's code is the loop's: the same scores for the same weights.
+    assert {k: v["miou"] for k, v in r["stages"].items()} == pytest.approx(
+        {k: v["miou"] for k, v in in_loop["synthetic64"]["stages"].items()}, abs=1e-6)
+
+    # Shape buckets: two image sizes in one 64-px bucket compile once; an image that fills
+    # its bucket gets the one-image computation's argmaxes.
+    predictor = evaluate_pna.Predictor(model, batch_size=2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+              rng.integers(0, 256, (50, 37, 3), dtype=np.uint8)]
+    preds = predictor(variables, images)
+    assert predictor.trace_count == 1 and preds[1].shape == (5, 50, 37)
+    stages = model.apply(variables, images[0][None].astype(np.float32), train=False)
+    direct = np.stack([np.asarray(x[0]).argmax(-1)
+                       for x in evaluate_pna.stage_logits_at(stages, (64, 64), (64, 64))])
+    assert np.mean(preds[0] == direct) > 0.999
 
 
 def test_pna_non_finite_loss_stops_with_the_step(tmp_path):
@@ -109,7 +133,7 @@ def test_stage_evaluation_matches_a_direct_computation():
     labels[:3] = 255
     preds = [np.asarray(x[0]).argmax(-1) for x in out]
     sample = evaluate_pna.Sample("s", np.zeros((h, w, 3), np.uint8), labels)
-    r = evaluate_pna.evaluate_samples(lambda image: np.stack(preds), iter([sample]), k)
+    r = evaluate_pna.evaluate_samples(lambda images: [np.stack(preds)], iter([sample]), k)
     for i, pred in enumerate(preds):
         valid = labels != 255
         ious = []

@@ -1,9 +1,13 @@
-"""Shared helpers of the training tests: a tiny CRM config (fast on CPU)."""
+"""Shared helpers of the training tests: a tiny CRM config (fast on CPU) and a persistent
+compilation cache for modules whose runs compile the same programs again."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import jax
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +57,18 @@ def tiny_flags(**overrides) -> list[str]:
             value = "(" + ",".join(str(v) for v in value) + ",)"
         out.append(f"--config.{key}={value}")
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for the module (autouse where imported): a second
+    training run (resume, init_from, a repeat) loads the first run's programs."""
+    from jax_refine.refine import enable_compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {name: getattr(jax.config, name) for name in names}
+    enable_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)

@@ -5,25 +5,61 @@ opt_state, step, rng) and 'data' (JSON: the data position — the step and the s
 determine every later example, see `jax_refine.data.pipeline`). Orbax writes to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoint intact; the last `keep` checkpoints are kept.
+
+Nothing poisoned is saved or resumed: `Checkpointer.save` refuses a state with a NaN or inf
+anywhere (`NonFiniteError`, naming the step and the last finite checkpoint), and
+`Checkpointer.restore_latest` skips a checkpoint that cannot be read (a truncated or missing
+file) or that holds non-finite values, says so, moves it to `<directory>_rejected/<step>` and
+falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_refine.train.state import TrainState
 
 
-class Checkpointer:
-    """Save / restore TrainState and data position under `directory`."""
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or inf (in the loss or the state); the run stops."""
 
-    def __init__(self, directory: str | Path, keep: int = 3):
+
+@jax.jit
+def _finite_parts(state: TrainState) -> dict[str, jax.Array]:
+    """{field: bool scalar} — whether every floating leaf of each state field is finite."""
+    out = {}
+    for name in ("params", "batch_stats", "opt_state"):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(getattr(state, name))
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        out[name] = jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    return out
+
+
+def non_finite_parts(state: TrainState) -> list[str]:
+    """Names of the state fields ('params', 'batch_stats', 'opt_state') holding NaN or inf
+    (one small reduction on the devices, one scalar per field fetched)."""
+    return [name for name, ok in jax.device_get(_finite_parts(state)).items() if not ok]
+
+
+class Checkpointer:
+    """Save / restore TrainState and data position under `directory`.
+
+    `report` receives one line per skipped checkpoint on restore (default: print).
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3,
+                 report: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
+        self.rejected = self.directory.with_name(self.directory.name + "_rejected")
+        self.report = report
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -33,7 +69,21 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_finite(self) -> str:
+        """'step N in DIR' of the newest checkpoint (all saved ones are finite), or 'none'."""
+        step = self.latest_step()
+        return "none" if step is None else f"step {step} in {self.directory}"
+
     def save(self, step: int, state: TrainState, data: dict[str, Any]) -> None:
+        """Save asynchronously; raises `NonFiniteError` (saving nothing) if `state` holds a
+        NaN or inf."""
+        bad = non_finite_parts(state)
+        if bad:
+            self.wait()
+            raise NonFiniteError(
+                f"non-finite loss or state at step {step}: {', '.join(bad)} hold NaN or inf; "
+                f"stopping without saving it. The last finite checkpoint is "
+                f"{self.last_finite()}.")
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -50,6 +100,48 @@ class Checkpointer:
             ),
         )
         return out["state"], dict(out["data"])
+
+    def restore_latest(
+        self, abstract_state: Any
+    ) -> tuple[int, TrainState, dict[str, Any]] | None:
+        """(step, state, data) of the newest checkpoint that reads and is finite, or None.
+
+        Newer checkpoints that fail (unreadable, or holding NaN / inf) are reported through
+        `report` and moved to `self.rejected` (by process 0), so that training can save those
+        steps again.
+        """
+        restored, rejected = None, []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 — any read failure means "unusable"
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                self.report(f"checkpoint {self.directory / str(step)} is unreadable "
+                            f"({type(e).__name__}: {first}); trying the previous one")
+                rejected.append(step)
+                continue
+            bad = non_finite_parts(state)
+            if bad:
+                self.report(f"checkpoint {self.directory / str(step)} holds non-finite "
+                            f"{', '.join(bad)}; trying the previous one")
+                rejected.append(step)
+                continue
+            restored = (step, state, data)
+            break
+        if rejected:
+            if jax.process_index() == 0:
+                for step in rejected:
+                    self.rejected.mkdir(parents=True, exist_ok=True)
+                    target = self.rejected / str(step)
+                    shutil.rmtree(target, ignore_errors=True)
+                    shutil.move(self.directory / str(step), target)
+                self.report(f"moved rejected checkpoint(s) {rejected} to {self.rejected}")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jax_refine_rejected_checkpoints")
+            self.manager.reload()
+        return restored
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -19,6 +19,7 @@ masks of two kinds:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -92,6 +93,31 @@ def synthetic_scenes(num: int, size: int, kind: str) -> Iterator[Sample]:
         yield Sample(f"scene{seed}_{kind}", image, synthetic_coarse(gt, kind, seed), gt)
 
 
+def _predictions(refiner: Any, samples: Iterator[Sample], scales: tuple[float, ...],
+                 per_step: bool, chunk: int) -> Iterator[tuple[Sample, list[np.ndarray]]]:
+    """(sample, binary mask after each scored step): every scale's with `per_step`
+    (`Refiner.refine_steps`, one image at a time), else only the last one, `chunk` images per
+    `Refiner.refine_batch` call (grouped by shape bucket, sharded over the local devices).
+    A passed-through sample (coarse sum < PASS_THROUGH_SUM) keeps its coarse mask."""
+    samples = iter(samples)
+    while batch := list(itertools.islice(samples, 1 if per_step else chunk)):
+        keep = [i for i, s in enumerate(batch)
+                if int(s.coarse.astype(np.int64).sum()) * 255 >= PASS_THROUGH_SUM]
+        probs: dict[int, list[np.ndarray]] = {}
+        if per_step:
+            probs = {i: refiner.refine_steps(batch[i].image, batch[i].coarse.astype(bool),
+                                             scales) for i in keep}
+        elif keep:
+            finals = refiner.refine_batch([batch[i].image for i in keep],
+                                          [batch[i].coarse.astype(bool) for i in keep], scales)
+            probs = {i: [p] for i, p in zip(keep, finals, strict=True)}
+        for i, s in enumerate(batch):
+            if i in probs:
+                yield s, [(p > 0.5).astype(np.uint8) for p in probs[i]]
+            else:
+                yield s, [s.coarse] * (len(scales) if per_step else 1)
+
+
 def evaluate_samples(
     refiner: Any,
     samples: Iterator[Sample],
@@ -99,27 +125,27 @@ def evaluate_samples(
     *,
     out_dir: str | Path | None = None,
     num_pngs: int = 4,
+    per_step: bool = True,
+    chunk: int = 8,
 ) -> dict[str, Any]:
     """Score coarse and refined masks of `samples`; optionally write side-by-side PNGs.
 
-    Every step of the schedule is scored too: 'steps' holds the IoU / mBA of the mask after
-    each scale (p > 0.5 of `Refiner.refine_steps`; the last is 'refined'), which shows what
-    each step of the cascade adds or costs. A passed-through sample counts as its coarse mask
-    at every step.
+    With `per_step`, every step of the schedule is scored too: 'steps' holds the IoU / mBA
+    of the mask after each scale (p > 0.5 of `Refiner.refine_steps`; the last is 'refined'),
+    which shows what each step of the cascade adds or costs. Without it (the training loop's
+    evaluation), `chunk` samples at a time go through `Refiner.refine_batch` (batched and
+    sharded over the devices) and 'steps' holds the last scale only. A passed-through sample
+    counts as its coarse mask at every step.
     Returns {'num_images', 'coarse': {'iou', 'mba'}, 'refined': {...},
     'steps': [{'scale', 'iou', 'mba'}, ...], 'pngs': [...]}.
     """
     scales = tuple(scales)
-    keys = ("coarse", *[f"step{k}" for k in range(len(scales))])
+    scored = scales if per_step else scales[-1:]
+    keys = ("coarse", *[f"step{k}" for k in range(len(scored))])
     sums = {k: np.zeros(2, np.int64) for k in keys}
     mbas: dict[str, list[float]] = {k: [] for k in keys}
     pngs, count = [], 0
-    for sample in samples:
-        if int(sample.coarse.astype(np.int64).sum()) * 255 < PASS_THROUGH_SUM:
-            steps = [sample.coarse] * len(scales)
-        else:
-            probs = refiner.refine_steps(sample.image, sample.coarse.astype(bool), scales)
-            steps = [(prob > 0.5).astype(np.uint8) for prob in probs]
+    for sample, steps in _predictions(refiner, samples, scales, per_step, chunk):
         for key, pred in zip(keys, (sample.coarse, *steps), strict=True):
             sums[key] += metrics.intersection_union(pred, sample.gt)
             mbas[key].append(metrics.boundary_accuracy(pred, sample.gt))
@@ -137,7 +163,7 @@ def evaluate_samples(
 
     return {"num_images": count, "pngs": pngs, "coarse": scores("coarse"),
             "refined": scores(keys[-1]),
-            "steps": [{"scale": s, **scores(k)} for s, k in zip(scales, keys[1:], strict=True)]}
+            "steps": [{"scale": s, **scores(k)} for s, k in zip(scored, keys[1:], strict=True)]}
 
 
 def _side_by_side(out_dir: Path, sample: Sample, refined: np.ndarray, side: int = 512) -> Path:
@@ -177,8 +203,16 @@ def steps_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(
-    checkpoint: str | Path,
+def eval_kwargs(eval_config: Any) -> dict[str, Any]:
+    """`evaluate_refiner` keyword arguments of a config's `eval` block (evaluate.py, the
+    training loop's `eval_every`)."""
+    e = eval_config
+    return {"folder": e.folder, "scales": tuple(e.scales), "num_images": e.num_images,
+            "num_pngs": e.num_pngs, "synthetic_size": e.get("synthetic_size", 2048)}
+
+
+def evaluate_refiner(
+    refiner: Any,
     out_dir: str | Path,
     *,
     folder: str = "",
@@ -187,26 +221,41 @@ def evaluate(
     num_pngs: int = 4,
     synthetic_size: int = 2048,
     synthetic_kinds: Sequence[str] = ("perturb", "lowres"),
+    per_step: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a Refiner checkpoint on a BIG folder (if given) or held-out synthetic scenes.
+    """Evaluate a Refiner on a BIG folder (if given) or held-out synthetic scenes
+    (`evaluate_samples`; `per_step=False` is the batched evaluation of the training loop).
 
-    Writes out_dir/metrics.json and PNGs under out_dir/pngs; returns the metrics by set.
+    Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
+    metrics by set.
     """
-    from jax_refine.refine import Refiner
-
-    refiner = Refiner.from_checkpoint(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     if folder:
         results[Path(folder).name] = evaluate_samples(
             refiner, big_folder(folder, num_images), scales,
-            out_dir=out_dir / "pngs", num_pngs=num_pngs)
+            out_dir=out_dir / "pngs", num_pngs=num_pngs, per_step=per_step)
     else:
         n = num_images or 4
         for kind in synthetic_kinds:
             results[f"synthetic{synthetic_size}_{kind}"] = evaluate_samples(
                 refiner, synthetic_scenes(n, synthetic_size, kind), scales,
-                out_dir=out_dir / "pngs", num_pngs=max(1, num_pngs // len(synthetic_kinds)))
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+                out_dir=out_dir / "pngs", num_pngs=max(1, num_pngs // len(synthetic_kinds)),
+                per_step=per_step)
+    write_json(out_dir / "metrics.json", results)
     return results
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(checkpoint: str | Path, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """`evaluate_refiner` of the Refiner checkpoint directory `checkpoint`."""
+    from jax_refine.refine import Refiner
+
+    return evaluate_refiner(Refiner.from_checkpoint(checkpoint), out_dir, **kwargs)

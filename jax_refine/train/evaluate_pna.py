@@ -1,10 +1,15 @@
 """PNA evaluation: the mIoU of every stage P0..P4 (the effect of the paper's Table 1).
 
-Protocol: full images, one at a time, no resizing. Each stage's logits (at its own stride of
-the padded input) are upsampled bilinearly (align_corners=False) to the padded input size,
-cropped to the image (the reference's `sem_seg_postprocess`), and their argmax is scored
-against the label map with a streaming `ConfusionMatrix` (label 255 ignored); the mIoU is
-over the classes present in the labels or the predictions of the whole set.
+Protocol: full images, no resizing, batched as detectron2 batches them: `Predictor` pads
+each image at the bottom/right with the model's pixel mean (0 after normalisation) to its
+shape bucket (sides rounded up to a multiple of 64 and of the model's size divisibility),
+runs `batch_size` images of one bucket per call sharded over every device (one compilation
+per bucket, not per image size), upsamples each stage's logits bilinearly (align_corners=
+False) to the bucket size, takes the argmax on the device and crops it to the image (the
+reference's `sem_seg_postprocess`). The argmaxes are scored against the label map with a
+streaming `ConfusionMatrix` (label 255 ignored); the mIoU is over the classes present in the
+labels or the predictions of the whole set. Used by evaluate.py and by the training loop's
+`config.eval_every`.
 
 Sources: a `semantic_folder` split (`config.eval.builder_kwargs`: images, labels,
 class_names, split), or, when `config.dataset.name` is 'synthetic', held-out multi-class
@@ -15,8 +20,10 @@ ignored pixels white).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import json
+import itertools
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,8 @@ from jax_refine.data.pipeline import TRAIN_SCENE_SEED_OFFSET
 from jax_refine.data.synthetic import make_scene
 from jax_refine.models import pna as pna_lib
 from jax_refine.ops.resize import resize_bilinear
+from jax_refine.train import mesh as mesh_lib
+from jax_refine.train.evaluate import write_json
 
 IGNORE_LABEL = 255
 
@@ -74,38 +83,88 @@ def stage_logits_at(stage_logits: Sequence[jax.Array], padded: tuple[int, int],
     return out
 
 
-def make_predictor(model: pna_lib.PNASegmentor, variables: dict[str, Any]):
-    """A jitted function image uint8 [H, W, 3] -> int32 [num_stages, H, W] stage argmaxes."""
+class Predictor:
+    """Per-stage argmaxes of a `PNASegmentor` for lists of images of any sizes.
 
-    @jax.jit
-    def predict(variables, image):
-        h, w = image.shape[:2]
-        d = max(model.size_divisibility, 1)
-        padded = (-(-h // d) * d, -(-w // d) * d)
-        stages = model.apply(variables, image[None].astype(jnp.float32), train=False)
-        logits = stage_logits_at(stages, padded, (h, w))
-        return jnp.stack([jnp.argmax(x[0], axis=-1) for x in logits]).astype(jnp.int32)
+    `predictor(variables, images)` with uint8 [H_i, W_i, 3] RGB images returns one
+    [num_stages, H_i, W_i] array (uint8, or int32 with more than 256 classes) per image.
+    Images are grouped by shape bucket (see the module docstring); each call holds
+    `batch_size` images (rounded up to a multiple of the device count; unused slots are
+    padding) sharded on the mesh's 'data' axis, with the weights replicated — they are an
+    argument, so a training loop reuses the compilations with new weights.
+    `trace_count`: compilations so far (one per bucket shape).
+    """
 
-    return lambda image: np.asarray(predict(variables, jnp.asarray(image)))
+    def __init__(self, model: pna_lib.PNASegmentor, *, batch_size: int = 8, bucket: int = 64,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.model = model
+        self.mesh = mesh or mesh_lib.make_mesh()
+        devices = self.mesh.devices.size
+        self.batch_size = -(-max(batch_size, 1) // devices) * devices
+        self.bucket = math.lcm(bucket, max(model.size_divisibility, 1))
+        self.dtype = np.uint8 if model.pna_head.num_classes <= 256 else np.int32
+        self.trace_count = 0
+        self._data = mesh_lib.data_sharded(self.mesh)
+        self._predict = jax.jit(self._predict_impl, in_shardings=(
+            mesh_lib.replicated(self.mesh), self._data), out_shardings=mesh_lib.replicated(
+            self.mesh))
+
+    def _predict_impl(self, variables, images):
+        """[B, Hb, Wb, 3] float32 -> [B, num_stages, Hb, Wb] argmaxes."""
+        self.trace_count += 1
+        size = images.shape[1:3]
+        logits = stage_logits_at(self.model.apply(variables, images, train=False), size, size)
+        return jnp.stack([jnp.argmax(x, axis=-1) for x in logits], axis=1).astype(self.dtype)
+
+    def bucket_shape(self, height: int, width: int) -> tuple[int, int]:
+        b = self.bucket
+        return -(-height // b) * b, -(-width // b) * b
+
+    def __call__(self, variables: Any, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for i, image in enumerate(images):
+            groups[self.bucket_shape(*image.shape[:2])].append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(images)
+        mean = np.asarray(self.model.pixel_mean, np.float32)
+        for (bh, bw), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                batch = np.broadcast_to(mean, (self.batch_size, bh, bw, 3)).copy()
+                for j, i in enumerate(chunk):
+                    h, w = images[i].shape[:2]
+                    batch[j, :h, :w] = images[i]
+                # Every process holds the whole batch and contributes its devices' slices.
+                batch = jax.make_array_from_callback(batch.shape, self._data,
+                                                     lambda index, b=batch: b[index])
+                preds = np.asarray(self._predict(variables, batch))
+                for j, i in enumerate(chunk):
+                    h, w = images[i].shape[:2]
+                    out[i] = preds[j, :, :h, :w]
+        return out
 
 
 def evaluate_samples(
     predict: Any, samples: Iterator[Sample], num_classes: int, *,
-    out_dir: str | Path | None = None, num_pngs: int = 4,
+    out_dir: str | Path | None = None, num_pngs: int = 4, chunk: int = 32,
 ) -> dict[str, Any]:
     """Per-stage confusion matrices over `samples` -> {'num_images', 'stages': {'P0':
-    {'miou', 'per_class_iou', 'pixel_accuracy'}, ...}, 'pngs'}."""
+    {'miou', 'per_class_iou', 'pixel_accuracy'}, ...}, 'pngs'}.
+
+    `predict(images)`: list of uint8 [H, W, 3] -> list of [num_stages, H, W] class ids (a
+    `Predictor` with its weights bound); called with up to `chunk` samples at a time.
+    """
     matrices: list[metrics.ConfusionMatrix] = []
     pngs, count = [], 0
-    for sample in samples:
-        preds = predict(sample.image)
-        if not matrices:
-            matrices = [metrics.ConfusionMatrix(num_classes, IGNORE_LABEL) for _ in preds]
-        for matrix, pred in zip(matrices, preds, strict=True):
-            matrix.update(pred, sample.label)
-        if out_dir is not None and len(pngs) < num_pngs:
-            pngs.append(str(side_by_side(Path(out_dir), sample, preds[0], preds[-1])))
-        count += 1
+    samples = iter(samples)
+    while batch := list(itertools.islice(samples, chunk)):
+        for sample, preds in zip(batch, predict([s.image for s in batch]), strict=True):
+            if not matrices:
+                matrices = [metrics.ConfusionMatrix(num_classes, IGNORE_LABEL) for _ in preds]
+            for matrix, pred in zip(matrices, preds, strict=True):
+                matrix.update(pred, sample.label)
+            if out_dir is not None and len(pngs) < num_pngs:
+                pngs.append(str(side_by_side(Path(out_dir), sample, preds[0], preds[-1])))
+            count += 1
     if count == 0:
         raise ValueError("no evaluation samples")
     stages = {}
@@ -162,15 +221,16 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path,
-             out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate a PNA checkpoint (`models.pna.save_checkpoint`) as `config.eval` says.
+def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, variables: Any,
+                   out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate `predictor.model` with `variables` on `config.eval`'s set (held-out synthetic
+    scenes when config.dataset is synthetic, else a `semantic_folder` split).
 
-    Writes out_dir/metrics.json and PNGs under out_dir/pngs; returns the metrics by set.
+    Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
+    metrics by set.
     """
-    model, variables, _ = pna_lib.load_checkpoint(checkpoint)
     e = config.eval
-    num_classes = model.pna_head.num_classes
+    num_classes = predictor.model.pna_head.num_classes
     if config.dataset.name == "synthetic":
         n = e.num_images or 8
         name = f"synthetic{e.synthetic_size}"
@@ -189,7 +249,17 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path,
         samples = folder_samples(records, e.num_images)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: evaluate_samples(make_predictor(model, variables), samples, num_classes,
-                                      out_dir=out_dir / "pngs", num_pngs=e.num_pngs)}
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = {name: evaluate_samples(lambda images: predictor(variables, images), samples,
+                                      num_classes, out_dir=out_dir / "pngs",
+                                      num_pngs=e.num_pngs, chunk=4 * predictor.batch_size)}
+    write_json(out_dir / "metrics.json", results)
     return results
+
+
+def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path,
+             out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate a PNA checkpoint (`models.pna.save_checkpoint`) as `config.eval` says
+    (`evaluate_model`; `config.eval.batch_size` images per call, default 8)."""
+    model, variables, _ = pna_lib.load_checkpoint(checkpoint)
+    predictor = Predictor(model, batch_size=config.eval.get("batch_size", 8))
+    return evaluate_model(config, predictor, variables, out_dir)

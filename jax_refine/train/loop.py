@@ -15,63 +15,63 @@ Resume order (first that applies):
      for the backbone (`checkpoint.load_pna_init_variables`);
   3. random initialisation.
 
-Outputs in `workdir`: checkpoints/ (orbax, last `keep_checkpoints`), tensorboard/ (event
-files from process 0: loss terms, lr, grad norm, throughput), the inference export (CRM:
-refiner/ in the `jax_refine.refine` format; PNA: pna/ in the `models.pna` format) written at
-the end and, if `config.export_every_checkpoint`, at every checkpoint; config.json.
+A checkpoint that cannot be read or holds NaN / inf is reported, moved aside and the previous
+one is used (`checkpoint.Checkpointer.restore_latest`).
+
+The loop is asynchronous: steps are dispatched without waiting for them, batches are placed on
+the devices two steps ahead (sharded over 'data'), and the host reads device values only every
+`log_every` steps (the metrics, averaged over the interval, one step late so that the device
+is never idle) and at checkpoints. The non-finite check rides on those reads: the interval's
+first step with a NaN / inf loss is recorded on the device, and before every save the whole
+state is checked (`Checkpointer.save`), so a NaN state is never saved; the run stops with
+`checkpoint.NonFiniteError` naming the step and the last finite checkpoint.
+
+Outputs in `workdir`: checkpoints/ (orbax, last `keep_checkpoints`), tensorboard/ (from
+process 0 through `clu.metric_writers`, also logged: loss terms, lr, grad norm, steps/s,
+examples/s; with `config.eval_every`, the task's evaluation scalars and an image panel;
+`config.profile_every`: jax.profiler traces), the inference export (CRM: refiner/ in the
+`jax_refine.refine` format; PNA: pna/ in the `models.pna` format) written at the end and, if
+`config.export_every_checkpoint`, at every checkpoint; eval/step_N/ (metrics.json and PNGs of
+the in-loop evaluations); config.json.
+
+Reproducibility: on CPU two runs of the same config give bitwise-equal states, across
+checkpoint saves and resumes (tests/test_train_robust.py), given the same number of cores
+(see `mesh.configure_determinism`). On GPU, XLA's scatter-adds and some reductions are not
+deterministic; `config.deterministic` sets `--xla_gpu_deterministic_ops=true` (slower) for
+runs that must repeat or resume exactly.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
 
 from jax_refine import refine
 from jax_refine.data import pipeline
 from jax_refine.models import pna as pna_lib
 from jax_refine.models.crm import CRM
 from jax_refine.train import checkpoint as ckpt_lib
+from jax_refine.train import evaluate as crm_eval
+from jax_refine.train import evaluate_pna, optim
 from jax_refine.train import mesh as mesh_lib
-from jax_refine.train import optim
 from jax_refine.train import step as step_lib
 from jax_refine.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class MetricWriter:
-    """TensorBoard scalars through `tf.summary` (process 0 only; else a no-op)."""
-
-    def __init__(self, logdir: Path, enabled: bool):
-        self.writer = None
-        if enabled:
-            import tensorflow as tf
-
-            tf.config.set_visible_devices([], "GPU")
-            self._tf = tf
-            self.writer = tf.summary.create_file_writer(str(logdir))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        with self.writer.as_default():
-            for tag, value in values.items():
-                self._tf.summary.scalar(tag, float(value), step=step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _plain(value: Any) -> Any:
@@ -126,6 +126,24 @@ def _crm_export(config, directory, model, variables) -> None:
     refine.save_checkpoint(directory, model.clone(dtype=jnp.float32), variables)
 
 
+def _crm_evaluator(config, model):
+    """IoU / mBA of coarse and refined masks on config.eval's set (`evaluate.evaluate_refiner`,
+    as evaluate.py, batched through `Refiner.refine_batch`: the final scale only) with one
+    float32 Refiner whose weights are swapped at each call (its compilations are reused)."""
+    refiner = None
+
+    def run(variables, out_dir):
+        nonlocal refiner
+        variables = jax.device_get({k: variables[k] for k in ("params", "batch_stats")})
+        if refiner is None:
+            refiner = refine.Refiner(model.clone(dtype=jnp.float32), variables)
+        refiner.variables = variables
+        return crm_eval.evaluate_refiner(refiner, out_dir, per_step=False,
+                                         **crm_eval.eval_kwargs(config.eval))
+
+    return run
+
+
 # ----------------------------------------------------------------------------- PNA pieces
 
 
@@ -159,6 +177,14 @@ def _pna_export(config, directory, model, variables) -> None:
     pna_lib.save_checkpoint(directory, pna_build_kwargs(config), variables)
 
 
+def _pna_evaluator(config, model):
+    """Per-stage mIoU on config.eval's set (`evaluate_pna.evaluate_model`, as evaluate.py),
+    batched and sharded over every device, one compilation per shape bucket for the run."""
+    predictor = evaluate_pna.Predictor(pna_lib.build_pna(**pna_build_kwargs(config)),
+                                       batch_size=config.eval.get("batch_size", 8))
+    return functools.partial(evaluate_pna.evaluate_model, config, predictor)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What differs between the tasks; every builder takes the config first."""
@@ -173,6 +199,8 @@ class Task:
     init_variables: Callable[..., tuple[Any, Any]]  # (path, params, batch_stats)
     export_name: str  # the inference checkpoint's directory in the workdir
     export: Callable[..., None]  # (config, directory, model, variables)
+    # (config, model) -> evaluate(variables, out_dir) -> results by set (metrics.json)
+    evaluator: Callable[..., Callable[..., dict[str, Any]]]
 
 
 TASKS = {
@@ -189,6 +217,7 @@ TASKS = {
         init_variables=ckpt_lib.load_init_variables,
         export_name="refiner",
         export=_crm_export,
+        evaluator=_crm_evaluator,
     ),
     "pna": Task(
         model=_pna_model,
@@ -203,6 +232,7 @@ TASKS = {
         init_variables=ckpt_lib.load_pna_init_variables,
         export_name="pna",
         export=_pna_export,
+        evaluator=_pna_evaluator,
     ),
 }
 
@@ -291,14 +321,127 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Flat TensorBoard scalars of an evaluation's results by set: CRM
+    'eval/SET/{coarse,refined}_{iou,mba}', PNA 'eval/SET/P<i>_miou'."""
+    out = {}
+    for name, r in results.items():
+        for kind in ("coarse", "refined"):
+            for metric in ("iou", "mba"):
+                if kind in r:
+                    out[f"eval/{name}/{kind}_{metric}"] = r[kind][metric]
+        for stage, m in r.get("stages", {}).items():
+            out[f"eval/{name}/{stage}_miou"] = m["miou"]
+    return out
+
+
+def _eval_images(results: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The first side-by-side panel of each set as uint8 [1, H, W, 3] (cheap: one PNG read)."""
+    import cv2
+
+    out = {}
+    for name, r in results.items():
+        if r["pngs"]:
+            out[f"eval/{name}"] = cv2.cvtColor(cv2.imread(r["pngs"][0]), cv2.COLOR_BGR2RGB)[None]
+    return out
+
+
+@jax.jit
+def _accumulate(acc: dict[str, Any], metrics: dict[str, jax.Array], step: jax.Array):
+    """Running sums of the metrics since the last write, their count, and the first step
+    (with its loss) whose loss was not finite (-1 if none) — all on the device."""
+    bad = ~jnp.isfinite(metrics["loss"]) & (acc["first_bad"] < 0)
+    return {
+        "sums": jax.tree_util.tree_map(lambda a, m: a + m.astype(jnp.float32), acc["sums"],
+                                       metrics),
+        "count": acc["count"] + 1,
+        "first_bad": jnp.where(bad, step, acc["first_bad"]),
+        "bad_loss": jnp.where(bad, metrics["loss"].astype(jnp.float32), acc["bad_loss"]),
+    }
+
+
+def _empty_accumulator(metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    return {"sums": {k: jnp.zeros((), jnp.float32) for k in metrics},
+            "count": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32),
+            "bad_loss": jnp.zeros((), jnp.float32)}
+
+
+def _device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+                    ahead: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global batches sharded on 'data', their host-to-device copies started `ahead` steps
+    before the step that uses them (`make_array_from_process_local_data` is asynchronous)."""
+    queue: collections.deque = collections.deque()
+    for local in batches:
+        queue.append(mesh_lib.global_batch(mesh, local))
+        if len(queue) > ahead:
+            yield queue.popleft()
+
+
+class _MetricsLog:
+    """The interval's metrics: accumulated on the device every step, read by the host one
+    step after each write point (so the read never leaves the device idle)."""
+
+    def __init__(self, writer: metric_writers.MetricWriter, checkpointer: ckpt_lib.Checkpointer,
+                 batch_size: int):
+        self.writer, self.checkpointer, self.batch_size = writer, checkpointer, batch_size
+        self.acc: dict[str, Any] | None = None
+        self.pending: tuple[int, dict[str, Any], float] | None = None
+        self.last: tuple[int, float] | None = None  # (step, time) of the last write
+
+    def add(self, metrics: dict[str, jax.Array], step: jax.Array) -> None:
+        if self.acc is None:
+            self.acc = _empty_accumulator(metrics)
+        self.acc = _accumulate(self.acc, metrics, step)
+
+    def mark(self, step: int, now: float) -> None:
+        """Close the interval ending at `step`; it is written at the next `flush`."""
+        self.flush()
+        self.pending, self.acc = (step, self.acc, now), None
+
+    def flush(self) -> None:
+        """Write the pending interval; raise `NonFiniteError` if one of its losses was not."""
+        if self.pending is None:
+            return
+        step, acc, now = self.pending
+        self.pending = None
+        host = jax.device_get(acc)
+        check_finite_losses(host, self.checkpointer)
+        values = {k: float(v) / int(host["count"]) for k, v in host["sums"].items()}
+        if self.last is not None and now > self.last[1]:
+            rate = (step - self.last[0]) / (now - self.last[1])
+            values.update(steps_per_sec=rate, examples_per_sec=rate * self.batch_size)
+        self.last = (step, now)
+        self.writer.write_scalars(step, values)
+
+    def check_current(self) -> None:
+        """Raise `NonFiniteError` if a loss of the open interval was not finite."""
+        if self.acc is not None:
+            check_finite_losses(jax.device_get({k: self.acc[k] for k in ("first_bad",
+                                                                          "bad_loss")}),
+                                self.checkpointer)
+
+
+def check_finite_losses(acc: dict[str, Any], checkpointer: ckpt_lib.Checkpointer) -> None:
+    if int(acc["first_bad"]) >= 0:
+        checkpointer.wait()
+        raise ckpt_lib.NonFiniteError(
+            f"non-finite loss {float(acc['bad_loss'])} at step {int(acc['first_bad'])}; "
+            f"stopping. The last finite checkpoint is {checkpointer.last_finite()} (nothing "
+            f"non-finite is ever saved).")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train the config's task; write checkpoints, summaries and the inference export."""
+    """Train the config's task; write checkpoints, summaries, evaluations and the export.
+
+    See the module docstring for the resume order, the outputs and the non-finite stop.
+    """
+    mesh_lib.configure_determinism(config.get("deterministic", False))
     mesh_lib.maybe_initialize_distributed(config.get("distributed", False))
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
     mesh = mesh_lib.make_mesh()
     rep = mesh_lib.replicated(mesh)
@@ -311,66 +454,116 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
     )
 
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:  # 1. resume
-        state, data = checkpointer.restore(latest, abstract)
-        if data.get("seed") != config.seed:
-            raise ValueError(f"checkpoint {latest} was made with seed {data.get('seed')}, "
-                             f"config has {config.seed}")
-        start = int(data["step"])
-        print(f"resumed from {checkpointer.directory}/{latest} (step {start})")
-    else:
-        state = init(rng)  # 3. scratch
-        if config.init_from:  # 2. init_from
-            params, stats = init_variables(config, state.params, state.batch_stats)
-            state = jax.device_put(state.replace(params=params, batch_stats=stats), rep)
-            print(f"initialised weights from {config.init_from}")
-        start = 0
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
+                                         report=_report)
+    writer = None
+    try:
+        restored = checkpointer.restore_latest(abstract)
+        if restored is not None:  # 1. resume
+            latest, state, data = restored
+            if data.get("seed") != config.seed:
+                raise ValueError(f"checkpoint {latest} was made with seed {data.get('seed')}, "
+                                 f"config has {config.seed}")
+            start = int(data["step"])
+            _report(f"resumed from {checkpointer.directory}/{latest} (step {start})")
+        else:
+            state = init(rng)  # 3. scratch
+            if config.init_from:  # 2. init_from
+                params, stats = init_variables(config, state.params, state.batch_stats)
+                state = jax.device_put(state.replace(params=params, batch_stats=stats), rep)
+                _report(f"initialised weights from {config.init_from}")
+            start = 0
 
-    train_step = step_lib.jit_train_step(build_train_step(config, model, tx, schedule), mesh)
-    ds = pipeline.train_dataset(
-        build_loader(config), build_augment(config),
-        global_batch_size=config.batch_size, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    mesh_lib.local_batch_size(config.batch_size)  # checks divisibility
-    batches = pipeline.as_numpy(ds)
-    writer = MetricWriter(workdir / "tensorboard", is_main)
+        train_step = step_lib.jit_train_step(build_train_step(config, model, tx, schedule),
+                                             mesh)
+        mesh_lib.local_batch_size(config.batch_size)  # checks divisibility
+        ds = pipeline.train_dataset(
+            build_loader(config), build_augment(config),
+            global_batch_size=config.batch_size, start_step=start,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        # (after the pipeline, which keeps TensorFlow off the accelerators)
+        writer = metric_writers.create_default_writer(
+            workdir / "tensorboard", just_logging=not is_main, asynchronous=True)
+        state = _train(config, workdir, model, state, start, train_step, ds, mesh,
+                       checkpointer, writer, is_main)
+        checkpointer.wait()
+        export(config, workdir, model, state.variables)
+        return state
+    finally:
+        if writer is not None:
+            writer.close()
+        checkpointer.close()
 
-    from tqdm import tqdm
 
-    bar = tqdm(total=config.total_steps, initial=start, disable=not is_main,
-               dynamic_ncols=True, desc="train")
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start, config.total_steps):
-        batch = mesh_lib.global_batch(mesh, next(batches))
-        state, metrics = train_step(state, batch)
-        done = step + 1
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            good = checkpointer.latest_step()
-            checkpointer.wait()
-            raise FloatingPointError(
-                f"non-finite loss {loss} at step {done}; stopping. The last good checkpoint "
-                f"is step {good} in {checkpointer.directory} (nothing was saved after it)."
-            )
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if done % config.log_every == 0 or done == config.total_steps:
-            now = time.perf_counter()
-            rate = (done - last_step) / (now - last_time)
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            values.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size)
-            writer.scalars(done, values)
-            last_time, last_step = now, done
-        if done % config.checkpoint_every == 0 or done == config.total_steps:
-            checkpointer.save(done, state, {"step": done, "seed": config.seed})
-            if config.export_every_checkpoint:
-                export(config, workdir, model, state.variables)
-    bar.close()
-    checkpointer.wait()
-    export(config, workdir, model, state.variables)
-    writer.close()
-    checkpointer.close()
+def _report(message: str) -> None:
+    """A line for the user (process 0 prints it; every process logs it)."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _train(config, workdir, model, state, start, train_step, ds, mesh, checkpointer, writer,
+           is_main) -> TrainState:
+    """The step loop of `train_and_evaluate` (state already restored or initialised)."""
+    total = config.total_steps
+    hooks = []
+    if is_main:
+        hooks.append(periodic_actions.ReportProgress(
+            num_train_steps=total, every_steps=config.log_every, every_secs=None))
+        if config.get("profile_every", 0):
+            hooks.append(periodic_actions.Profile(
+                logdir=str(workdir / "tensorboard"), num_profile_steps=5,
+                first_profile=start + min(10, config.profile_every),
+                every_steps=config.profile_every, every_secs=None))
+    eval_every = config.get("eval_every", 0)
+    evaluate = _task(config).evaluator(config, model) if eval_every else None
+    log = _MetricsLog(writer, checkpointer, config.batch_size)
+    log.last = (start, time.perf_counter())
+    numpy_batches = pipeline.as_numpy(ds)
+    batches = _device_batches(numpy_batches, mesh)
+    try:
+        for step in range(start, total):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = train_step(state, next(batches))
+            log.add(metrics, state.step)
+            log.flush()  # the previous write point's metrics: read while this step runs
+            done = step + 1
+            for hook in hooks:
+                hook(done)
+            last = done == total
+            if done % config.log_every == 0 or last:
+                log.mark(done, time.perf_counter())
+            if done % config.checkpoint_every == 0 or last:
+                log.flush()
+                log.check_current()
+                checkpointer.save(done, state, {"step": done, "seed": config.seed})
+                if config.export_every_checkpoint:
+                    export(config, workdir, model, state.variables)
+            if evaluate is not None and (done % eval_every == 0 or last):
+                with hooks[0].timed("eval") if hooks else contextlib.nullcontext():
+                    _evaluate(evaluate, state, workdir / "eval" / f"step_{done}", done, writer,
+                              is_main)
+        log.flush()
+    finally:
+        # Stop tf.data's workers now: a live iterator at interpreter exit (held by an
+        # exception's traceback) would keep the process from ever exiting.
+        batches.close()
+        del batches, numpy_batches
     return state
+
+
+def _evaluate(evaluate, state, out_dir: Path, step: int, writer, is_main: bool) -> None:
+    """Run the task's evaluation of `state`, write its scalars and first image panels."""
+    results = evaluate(state.variables, out_dir)
+    writer.write_scalars(step, eval_scalars(results))
+    if is_main:
+        writer.write_images(step, _eval_images(results))
+    for key, value in eval_scalars(results).items():
+        logging.info("[%d] %s = %.4f", step, key, value)

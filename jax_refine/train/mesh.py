@@ -20,6 +20,40 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+GPU_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def configure_determinism(gpu_deterministic_ops: bool) -> None:
+    """Ask XLA for deterministic GPU reductions (`config.deterministic`).
+
+    On GPU, XLA's scatter-adds (the gradients of gathers: the CRM decoder's feature lookups)
+    and some reductions use atomics, so two runs, or a run and its resume, drift apart at
+    float precision and then visibly. `--xla_gpu_deterministic_ops=true` makes them
+    deterministic at some speed cost. XLA reads XLA_FLAGS once, when the backend starts:
+    `train_and_evaluate` calls this before any JAX computation; a process whose backend has
+    already started keeps its flags (a warning says so). CPU needs nothing on one machine:
+    two runs with the same number of cores are bitwise equal, across saves and resumes
+    (tests/test_train_robust.py). Different core counts give different bits: a tiny 8-step
+    run pinned to 1 core (`taskset -c 0`) ends with other parameters than on 2 cores, also
+    with `--xla_cpu_multi_thread_eigen=false` (measured 2026-12-04, jax 0.10.2), so XLA:CPU
+    splits some reductions by thread count; the data pipeline's batches are identical.
+    """
+    if not gpu_deterministic_ops:
+        return
+    current = os.environ.get("XLA_FLAGS", "")
+    if GPU_DETERMINISTIC_FLAG in current:
+        return
+    os.environ["XLA_FLAGS"] = f"{current} {GPU_DETERMINISTIC_FLAG}".strip()
+    from jax._src import xla_bridge  # the only way to ask whether backends have started
+
+    if xla_bridge.backends_are_initialized():
+        import warnings
+
+        warnings.warn(f"config.deterministic: JAX's backend has already started, so "
+                      f"{GPU_DETERMINISTIC_FLAG} applies only to new processes; set it in "
+                      f"XLA_FLAGS before starting Python", stacklevel=2)
+
+
 def maybe_initialize_distributed(enabled: bool = False) -> None:
     """Initialise multi-process JAX if `enabled` or the JAX_* environment variables say so."""
     env = os.environ
