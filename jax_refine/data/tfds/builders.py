@@ -58,13 +58,19 @@ class _FolderBuilder(_LocalBuilder, skip_registration=True):
 
     The folders are the dataset's identity (`identity` names one build per folder set).
     Problems found while generating are collected with their paths and logged; a build with
-    no usable example is an error that quotes them.
+    no usable example is an error that quotes them. `arguments` are the subclass's own
+    constructor arguments: a pickled builder (inside a data source sent to worker processes)
+    is rebuilt from them.
     """
 
-    def __init__(self, *, identity: str, description: str, **kwargs: Any):
+    def __init__(self, *, identity: str, description: str, arguments: dict[str, Any],
+                 **kwargs: Any):
         self.problems: list[str] = []
         config = tfds.core.BuilderConfig(name=identity, description=description)
         super().__init__(config=config, **kwargs)
+        state = self._original_state
+        self._original_state = {"data_dir": state["data_dir"], "version": state["version"],
+                                **arguments}
 
     def _folder_info(self, features: dict[str, Any], **metadata: Any) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -159,6 +165,7 @@ class RefineFolder(_FolderBuilder):
         self.layout = layout
         super().__init__(
             identity=f"{layout}_{_digest([str(f) for f in self.folders])}",
+            arguments={"folders": [str(f) for f in self.folders], "layout": layout},
             description=f"{layout} from {', '.join(str(f) for f in self.folders)}",
             **kwargs,
         )
@@ -268,6 +275,8 @@ class SemanticFolder(_FolderBuilder):
         digest = _digest(str(self.image_dir), str(self.label_dir), self.class_names)
         super().__init__(
             identity=f"{split}_{digest}",
+            arguments={"images": str(self.image_dir), "labels": str(self.label_dir),
+                       "class_names": self.class_names, "split": split},
             description=f"{self.image_dir} + {self.label_dir}",
             **kwargs,
         )
