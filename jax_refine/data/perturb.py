@@ -8,6 +8,13 @@
 
 Both take an explicit `numpy.random.Generator` and are deterministic given its state. Masks
 are 2-D; nonzero is foreground; results are uint8 {0, 1}.
+
+* `perturb_mask_tf` — the same perturbation as TensorFlow graph ops for tf.data (the training
+  pipelines; no GIL, so parallel map threads scale), seeded statelessly. Its random draws are
+  its own (`rectangle_draws_tf`), so for a seed it gives another mask than `perturb_mask`
+  for a Generator, from the same distribution; given the same thinned mask and the same
+  rectangles (`modify_rounds` accepts any), the two are bitwise equal (tests/test_perturb.py).
+  Evaluation keeps `perturb_mask`: its masks, and the scores on them, stay as they were.
 """
 
 from __future__ import annotations

@@ -4,19 +4,30 @@ CRM pipeline (paper recipe, reference `dataset/` of CascadePSP/CRM), per example
 load (image uint8 [H, W, 3], gt uint8 [H, W]) -> pad to at least crop x crop -> random crop
 and horizontal flip of image and mask together (one stateless seed) -> colour jitter of the
 image (brightness 0.2, contrast 0.05, saturation 0.05, torchvision semantics) and random
-grayscale (p = 0.1, torchvision's default) -> coarse mask = `perturb_mask(gt_crop, t)` with
-t ~ U[0.8, 1) (optionally mixed with `coarse_from_lowres`, see `CoarseSpec`) -> ImageNet
-normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's `SyntheticSource`
-renders only a crop-sized window of each scene, at a random position, instead of the whole
-scene, so there the random crop is a no-op.
+grayscale (p = 0.1, torchvision's default) -> coarse mask (`CoarseSpec`: `perturb_mask_tf`
+with target IoU t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) ->
+ImageNet normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's
+`SyntheticSource` renders only a crop-sized window of each scene, at a random position,
+instead of the whole scene, so there the random crop is a no-op.
+
+Where the work runs (so that the pipeline scales with host cores): the loaders (scene
+rendering, record reading and image decoding: Python holding the GIL for much of their time)
+run in worker processes (`train_dataset(workers=...)`); the augmentation is TensorFlow ops in
+a parallel tf.data map (no GIL), the perturbation's dilate/erode rounds and IoU stop
+included. Three cv2 steps stay numpy inside `tf.numpy_function`, exact as they are: the
+perturbation's contour thinning (cv2's contour tracing has no graph op), `coarse_from_lowres`
+and the soft masks' Gaussian blur; each is a few cv2 calls (which release the GIL) and little
+Python. A loader runs in 'spawn' processes: a script that builds a pipeline needs the usual
+`if __name__ == "__main__":` guard.
 
 Determinism and resume: the global example number k = step * batch_size + position seeds
-every random choice (stateless TF ops seeded with (seed, k); numpy Generators seeded with
-[seed, k, tag]). For a finite source, k maps to record perm_epoch[k % n] with epoch =
-k // n and perm_epoch a seeded permutation, so resuming at a step only means starting the
-index range there — there is no iterator state to save. Process p of P reads positions
-[p * B / P, (p + 1) * B / P) of every global batch (its slice for
-`jax.make_array_from_process_local_data`).
+every random choice (stateless TF ops seeded with (seed, k); the loaders' numpy Generators
+with [seed, k, tag]); no random state is shared between examples, so the batches are bitwise
+the same whatever the number of workers and threads. For a finite source, k maps to record
+perm_epoch[k % n] with epoch = k // n and perm_epoch a seeded permutation, so resuming at a
+step only means starting the index range there — there is no iterator state to save.
+Process p of P reads positions [p * B / P, (p + 1) * B / P) of every global batch (its slice
+for `jax.make_array_from_process_local_data`).
 
 The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) applies random scaling in
 [0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
