@@ -45,6 +45,8 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -56,6 +58,7 @@ from jax_refine.data.synthetic import WIRE_ID, make_scene
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_WORKERS = 32  # default cap on loader processes (each holds numpy, cv2 and a loader)
 # Training scene seeds start here; evaluation scenes use seeds below it (held out).
 TRAIN_SCENE_SEED_OFFSET = 1_000_000
 
@@ -371,11 +374,11 @@ def train_dataset(
 
     The loader is Python (scene rendering, record reading and decoding) and holds the GIL
     for much of its time, so it runs in `workers` processes (None: one per core this process
-    may use; 0: in tf.data's threads through `tf.numpy_function`), a bounded window of
-    examples ahead, in order. The augmentation is TensorFlow ops in a parallel
-    (AUTOTUNE, deterministic) map on a pool of `threads` threads (None: TF's default, one per
-    core). Example k is a pure function of (seed, k): the batches are bitwise the same
-    whatever `workers` and `threads`.
+    may use, at most MAX_WORKERS; 0: in tf.data's threads through `tf.numpy_function`), a
+    bounded window of examples ahead, in order; it must pickle (the sources here do). The
+    augmentation is TensorFlow ops in a parallel (AUTOTUNE, deterministic) map on a pool of
+    `threads` threads (None: TF's default, one per core). Example k is a pure function of
+    (seed, k): the batches are bitwise the same whatever `workers` and `threads`.
     """
     tf = _tf()
     if global_batch_size % process_count:
@@ -384,7 +387,7 @@ def train_dataset(
     local = global_batch_size // process_count
     first = process_index * local
     if workers is None:
-        workers = len(os.sched_getaffinity(0))
+        workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
     if workers < 0 or (threads is not None and threads < 1):
         raise ValueError(f"workers must be >= 0 and threads >= 1, got {workers}, {threads}")
 
@@ -408,7 +411,12 @@ def train_dataset(
                                           stateful=False)
             return tf.ensure_shape(image, specs[0].shape), tf.ensure_shape(gt, specs[1].shape), k
 
-        ds = tf.data.Dataset.from_generator(indices, output_signature=specs[2])
+        def step_indices(step):
+            start = step * global_batch_size + first
+            return tf.data.Dataset.range(start, start + local)
+
+        ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
+        ds = ds.flat_map(step_indices)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(lambda image, gt, k: augment(tf, image, gt, k),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -420,8 +428,16 @@ def train_dataset(
     return ds.with_options(options).prefetch(prefetch)
 
 
-def _start_worker() -> None:
-    cv2.setNumThreads(1)  # one core per worker process
+def _start_worker(parent: int) -> None:
+    """Worker set-up: one core per worker; exit when the parent dies (even by SIGKILL)."""
+    cv2.setNumThreads(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _in_workers(loader: Loader, ks: Iterator[int], workers: int
@@ -429,7 +445,8 @@ def _in_workers(loader: Loader, ks: Iterator[int], workers: int
     """loader(k) for k in ks, computed by `workers` fresh ('spawn') processes, in order, at
     most 4 per worker ahead of the consumer; the processes end with the iterator."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process running TF/JAX threads
-    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _start_worker) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _start_worker,
+                                                (os.getpid(),)) as pool:
         pending = collections.deque(pool.submit(loader, k)
                                     for k in itertools.islice(ks, 4 * workers))
         try:
