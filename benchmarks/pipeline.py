@@ -100,11 +100,13 @@ def scaling(args: argparse.Namespace) -> None:
             runs: dict[int, list[float]] = {n: [] for n in threads}
             for _ in range(args.repeats):
                 for n in threads:
-                    out = subprocess.run(
+                    run = subprocess.run(
                         [sys.executable, __file__, "--run", name, "--threads", str(n),
                          "--batches", str(args.batches), "--workdir", tmp],
-                        check=True, capture_output=True, text=True).stdout
-                    runs[n].append(float(out.split()[-1]))
+                        capture_output=True, text=True)
+                    if run.returncode:
+                        raise RuntimeError(f"{name} on {n} core(s) failed:\n{run.stderr[-3000:]}")
+                    runs[n].append(float(run.stdout.split()[-1]))
             base = statistics.median(runs[threads[0]])
             for n in threads:
                 median = statistics.median(runs[n])
