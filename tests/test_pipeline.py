@@ -54,11 +54,25 @@ def test_deterministic_and_resumable():
     assert not _equal(first[0], other_seed)
 
 
-def test_same_batches_whatever_the_parallelism():
-    """Example k is a pure function of (seed, k): worker processes and threads change nothing."""
-    serial = _take(_dataset(start_step=1, threads=1), 2)
-    parallel = _take(_dataset(start_step=1, workers=2, threads=2), 2)
-    assert all(_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+@pytest.mark.parametrize("task", ["crm", "pna"])
+def test_same_batches_whatever_the_parallelism(task):
+    """Example k is a pure function of (seed, k): worker processes and threads change nothing
+    (CRM: every coarse-mask kind, some blurred)."""
+    if task == "crm":
+        source = pipeline.SyntheticSource(3, 48, 80, window=CROP, subset_prob=0.5)
+        augment = pipeline.CrmAugment(3, crop=CROP, coarse=pipeline.CoarseSpec(
+            lowres_prob=0.5, lowres_factors=(2.0, 8.0), soft_prob=0.5))
+    else:
+        source = pipeline.SyntheticSemanticSource(3, 24, 48, num_classes=3)
+        augment = pipeline.PnaAugment(3, crop=CROP)
+
+    def batches(**parallelism):
+        return _take(pipeline.train_dataset(source, augment, global_batch_size=4, start_step=1,
+                                            **parallelism), 2)
+
+    serial = batches(workers=0, threads=1)
+    assert all(_equal(a, b) for a, b in zip(serial, batches(workers=2, threads=2),
+                                            strict=True))
 
 
 def test_process_slices_make_the_global_batch():

@@ -418,8 +418,11 @@ def train_dataset(
         ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
         ds = ds.flat_map(step_indices)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda image, gt, k: augment(tf, image, gt, k),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # The transforms use explicit tf.cond / tf.while_loop: no AutoGraph conversion (which
+    # took most of the pipeline's set-up time).
+    transform = tf.autograph.experimental.do_not_convert(
+        lambda image, gt, k: augment(tf, image, gt, k))
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
