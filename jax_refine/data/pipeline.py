@@ -39,8 +39,8 @@ Query coordinates are not shipped: the train step computes the crop's pixel-cent
 
 from __future__ import annotations
 
+import atexit
 import collections
-import concurrent.futures
 import dataclasses
 import itertools
 import multiprocessing
@@ -431,6 +431,17 @@ def train_dataset(
     return ds.with_options(options).prefetch(prefetch)
 
 
+_EXITING = threading.Event()
+
+
+@atexit.register  # runs before multiprocessing's own exit handler (LIFO)
+def _let_tf_data_go() -> None:
+    """At exit, end the open worker iterators and give tf.data's threads time to leave
+    Python: a thread still waiting in there when the interpreter finalises hangs the exit."""
+    _EXITING.set()
+    time.sleep(0.5)
+
+
 def _start_worker(parent: int) -> None:
     """Worker set-up: one core per worker; exit when the parent dies (even by SIGKILL)."""
     cv2.setNumThreads(1)
@@ -446,20 +457,21 @@ def _start_worker(parent: int) -> None:
 def _in_workers(loader: Loader, ks: Iterator[int], workers: int
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """loader(k) for k in ks, computed by `workers` fresh ('spawn') processes, in order, at
-    most 4 per worker ahead of the consumer; the processes end with the iterator."""
+    most 4 per worker ahead of the consumer. The processes end with the iterator, with their
+    parent, and at interpreter exit. An open iterator's tf.data thread waits in here: at exit
+    it is let go first (`_EXITING`), else TF's shutdown waits for it forever."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process running TF/JAX threads
-    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _start_worker,
-                                                (os.getpid(),)) as pool:
-        pending = collections.deque(pool.submit(loader, k)
+    with ctx.Pool(workers, _start_worker, (os.getpid(),)) as pool:  # exit: terminate()
+        pending = collections.deque(pool.apply_async(loader, (k,))
                                     for k in itertools.islice(ks, 4 * workers))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                pending.extend(pool.submit(loader, k) for k in itertools.islice(ks, 1))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            future = pending.popleft()
+            while not future.ready():
+                if _EXITING.is_set():  # let tf.data's thread leave before the pool ends
+                    return
+                future.wait(0.1)
+            pending.extend(pool.apply_async(loader, (k,)) for k in itertools.islice(ks, 1))
+            yield future.get()
 
 
 def as_numpy(ds: Any) -> Iterator[dict[str, np.ndarray]]:
