@@ -5,7 +5,19 @@ import numpy as np
 import pytest
 
 from jax_refine import metrics
-from jax_refine.data.perturb import coarse_from_lowres, perturb_mask, thin_contours
+from jax_refine.data.perturb import (
+    MAX_ROUNDS,
+    NUM_KERNELS,
+    RECTANGLES_PER_ROUND,
+    coarse_from_lowres,
+    modify_rounds,
+    modify_rounds_tf,
+    numpy_rng,
+    perturb_mask,
+    perturb_mask_tf,
+    rectangle_draws_tf,
+    thin_contours,
+)
 from jax_refine.data.synthetic import make_scene
 
 
@@ -84,3 +96,75 @@ def test_coarse_from_lowres_deterministic_and_validated():
     np.testing.assert_array_equal(a, coarse_from_lowres(gt, 8, np.random.default_rng(3)))
     with pytest.raises(ValueError, match="factor"):
         coarse_from_lowres(gt, 0.5, np.random.default_rng(3))
+
+
+# ----------------------------------------------------------------------------- graph ops
+
+
+@pytest.fixture(scope="module")
+def tf():
+    import tensorflow
+
+    tensorflow.config.set_visible_devices([], "GPU")
+    return tensorflow
+
+
+def test_graph_rounds_equal_cv2_for_every_element(tf):
+    """Every element, dilated and eroded, centre pixels set or not: bitwise cv2's result."""
+    rng = np.random.default_rng(0)
+    height, width = 37, 53
+    seg = (cv2.GaussianBlur(rng.random((height, width)), (0, 0), 3) > 0.5).astype(np.uint8)
+    rows = []
+    for kernel in range(NUM_KERNELS):
+        for dilate in (0, 1):
+            y0, x0 = int(rng.integers(height)), int(rng.integers(width))
+            y1, x1 = int(rng.integers(y0 + 1, height + 1)), int(rng.integers(x0 + 1, width + 1))
+            rows.append((y0, x0, y1, x1, int(rng.integers(-1, 2)), dilate, kernel))
+    rows.append((0, 0, height, width, 1, 1, NUM_KERNELS - 1))  # the whole mask
+    rows += rows[:3]  # whole rounds of 4
+    rounds = len(rows) // RECTANGLES_PER_ROUND
+    expected = modify_rounds(seg.copy(), seg, -1.0, rows, rounds)  # target -1: never stops
+    got = modify_rounds_tf(tf.constant(seg, tf.float32), tf.constant(seg, tf.float32),
+                           tf.constant(-1.0, tf.float64), tf.constant(rows, tf.int32), rounds)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_graph_perturbation_replays_as_numpy_and_lands_below_target(tf):
+    """perturb_mask_tf = thin_contours + modify_rounds on its own draws, bitwise; its IoU
+    lands just below the target as perturb_mask's does (the same test, fewer and smaller
+    crops)."""
+    perturb = tf.function(perturb_mask_tf)
+    hits = []
+    for seed, gt in training_crops(12, size=160, render=640):
+        target = np.random.default_rng(seed).uniform(0.8, 1.0)
+        stateless = tf.constant([seed, 5], tf.int32)
+        got = perturb(tf.constant(gt), tf.constant(target, tf.float64), stateless).numpy()
+        seeds = tf.random.experimental.stateless_split(stateless, 2).numpy()
+        thinned = thin_contours(gt, numpy_rng(seeds[0]))
+        draws = rectangle_draws_tf(seeds[1], *gt.shape, MAX_ROUNDS * RECTANGLES_PER_ROUND)
+        np.testing.assert_array_equal(got, modify_rounds(thinned, gt, target, draws.numpy()))
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+        hits.append(target - 0.1 < metrics.iou(got, gt) < target)
+    assert np.mean(hits) >= 0.8  # numpy's perturb_mask: 15 / 16 here, 14 / 16 at 128 px
+
+
+def test_graph_draws_cover_the_reference_ranges(tf):
+    draws = rectangle_draws_tf(tf.constant([1, 2]), 20, 30, 4000).numpy()
+    y0, x0, y1, x1, centre, dilate, kernel = draws.T
+    assert (0 <= y0).all() and (y0 < y1).all() and (y1 <= 20).all()
+    assert (0 <= x0).all() and (x0 < x1).all() and (x1 <= 30).all()
+    assert set(np.unique(kernel)) == set(range(NUM_KERNELS)) and set(dilate) == {0, 1}
+    np.testing.assert_allclose(np.mean(centre >= 0), 0.25, atol=0.03)  # as the reference
+    np.testing.assert_allclose(np.mean(centre[centre >= 0]), 0.5, atol=0.06)
+    np.testing.assert_allclose(np.mean(dilate), 0.5, atol=0.03)
+
+
+def test_graph_perturbation_edge_cases(tf):
+    empty = np.zeros((40, 40), np.uint8)
+    seed = tf.constant([0, 0])
+    out = perturb_mask_tf(tf.constant(empty), tf.constant(0.9, tf.float64), seed)
+    np.testing.assert_array_equal(out.numpy(), empty)
+    line = np.zeros((2, 40), np.uint8)
+    line[:, 5:30] = 7  # nonzero is foreground; too thin for rectangles
+    out = perturb_mask_tf(tf.constant(line), tf.constant(0.9, tf.float64), seed).numpy()
+    assert out.shape == line.shape and set(np.unique(out)) <= {0, 1}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from jax_refine.data import tfds as jtfds
@@ -71,6 +74,14 @@ def test_refine_folder_pairs_reports_bad_files(tmp_path, caplog):
     for bad in ("broken.jpg", "big.jpg", "orphan.png"):
         assert bad in problems, problems
     assert "size mismatch" in problems and "mask without image" in problems
+    # RGB JPEGs are stored as their files (decoded when read) and the data source pickles
+    # (worker processes of the training pipeline rebuild the builder from its arguments).
+    raw = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    stored = {r["name"]: r["image"] for r in _records(raw)}
+    assert stored["msra/im0"] == (a / "im0.jpg").read_bytes()
+    source = builder.as_data_source("train")
+    copy = pickle.loads(pickle.dumps(source))
+    np.testing.assert_array_equal(copy[1]["image"], source[1]["image"])
 
 
 def test_refine_folder_big_layout(tmp_path):
@@ -123,6 +134,8 @@ def test_semantic_folder(tmp_path):
     assert records[0]["label"][0, 0, 0] == 255
     assert any("bad.png" in p for p in builder.problems)
     assert any("lonely.png" in p for p in builder.problems)
+    copy = pickle.loads(pickle.dumps(builder.as_data_source("train")))
+    np.testing.assert_array_equal(copy[0]["label"], records[0]["label"])
 
 
 def test_unknown_builder_and_missing_data_dir():

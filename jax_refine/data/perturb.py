@@ -8,11 +8,21 @@
 
 Both take an explicit `numpy.random.Generator` and are deterministic given its state. Masks
 are 2-D; nonzero is foreground; results are uint8 {0, 1}.
+
+* `perturb_mask_tf` — the same perturbation as TensorFlow graph ops for tf.data (the training
+  pipelines; no GIL, so parallel map threads scale), seeded statelessly. Its random draws are
+  its own (`rectangle_draws_tf`), so for a seed it gives another mask than `perturb_mask`
+  for a Generator, from the same distribution; given the same thinned mask and the same
+  rectangles (`modify_rounds` accepts any), the two are bitwise equal (tests/test_perturb.py).
+  Evaluation keeps `perturb_mask`: its masks, and the scores on them, stay as they were.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,15 +77,87 @@ def thin_contours(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _random_structure(rng: np.random.Generator, size: int) -> np.ndarray:
-    choice = int(rng.integers(1, 5))
-    if choice == 1:
+def structuring_element(kernel: int) -> np.ndarray:
+    """Structuring element number `kernel` in [0, NUM_KERNELS): uint8 [h, w], cv2's anchor.
+
+    kernel = (size - 3) * 4 + shape for size 3..9 and shape 0: rect size x size, 1: ellipse
+    size x size, 2: ellipse of half the height, 3: ellipse of half the width.
+    """
+    size, shape = divmod(int(kernel), 4)
+    size += 3
+    if shape == 0:
         return cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
-    if choice == 2:
-        return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-    if choice == 3:
-        return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size // 2))
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size // 2, size))
+    widths_heights = {1: (size, size), 2: (size, size // 2), 3: (size // 2, size)}
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, widths_heights[shape])
+
+
+NUM_KERNELS = 7 * 4
+KERNEL_REACH = 4  # every element fits in a 9 x 9 square centred on its anchor
+
+
+def kernel_bank() -> np.ndarray:
+    """float32 [NUM_KERNELS, 9, 9, 1, 1]: each structuring element with its anchor at (4, 4)
+    (a conv2d filter bank).
+
+    cv2 anchors an element of size (w, h) at (w // 2, h // 2) and computes
+    dilate(x)[i, j] = max over element pixels (a, b) of x[i + a - h // 2, j + b - w // 2];
+    a 9 x 9 'SAME' cross-correlation with this bank (4 pixels of zero padding before) visits
+    the same pixels.
+    """
+    side = 2 * KERNEL_REACH + 1
+    bank = np.zeros((NUM_KERNELS, side, side, 1, 1), np.float32)
+    for kernel in range(NUM_KERNELS):
+        element = structuring_element(kernel)
+        h, w = element.shape
+        top, left = KERNEL_REACH - h // 2, KERNEL_REACH - w // 2
+        bank[kernel, top:top + h, left:left + w, 0, 0] = element
+    return bank
+
+
+# A rectangle of the rounds: (y0, x0, y1, x1, centre, dilate, kernel): rows [y0, y1) and
+# columns [x0, x1); centre -1 (untouched) or the value the centre pixel is set to; dilate 1
+# (dilate) or 0 (erode); kernel an index of `structuring_element`.
+Rectangle = tuple[int, int, int, int, int, int, int]
+
+
+def draw_rectangle(rng: np.random.Generator, height: int, width: int) -> Rectangle:
+    """The reference's random rectangle: corners, centre seed (p 0.25), operation, element."""
+    x0, y0 = int(rng.integers(width)), int(rng.integers(height))
+    x1, y1 = int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1))
+    centre = int(rng.integers(2)) if rng.random() < 0.25 else -1
+    dilate = int(rng.random() < 0.5)
+    size, shape = int(rng.integers(3, 10)), int(rng.integers(1, 5))
+    return y0, x0, y1, x1, centre, dilate, (size - 3) * 4 + shape - 1
+
+
+def modify_rectangle(seg: np.ndarray, rectangle: Sequence[int]) -> None:
+    """Apply one rectangle to `seg` in place: set its centre pixel, then dilate or erode it.
+
+    cv2 sees only the rectangle: pixels outside it take no part (cv2's default border).
+    """
+    y0, x0, y1, x1, centre, dilate, kernel = (int(v) for v in rectangle)
+    if centre >= 0:
+        seg[(y0 + y1) // 2, (x0 + x1) // 2] = centre
+    op = cv2.dilate if dilate else cv2.erode
+    seg[y0:y1, x0:x1] = op(seg[y0:y1, x0:x1], structuring_element(kernel), iterations=1)
+
+
+def modify_rounds(
+    seg: np.ndarray,
+    truth: np.ndarray,
+    iou_target: float,
+    rectangles: Iterable[Sequence[int]],
+    max_rounds: int = MAX_ROUNDS,
+) -> np.ndarray:
+    """Rounds of `RECTANGLES_PER_ROUND` rectangles on `seg` (in place) until IoU(seg, truth)
+    falls below `iou_target` after a round, or `max_rounds` rounds. Returns `seg`."""
+    rectangles = iter(rectangles)
+    for _ in range(max_rounds):
+        for _ in range(RECTANGLES_PER_ROUND):
+            modify_rectangle(seg, next(rectangles))
+        if _iou(seg, truth) < iou_target:
+            break
+    return seg
 
 
 def perturb_mask(
@@ -97,6 +179,7 @@ def perturb_mask(
     contour-thinned mask; here it compares with `gt` itself, so the returned mask's IoU with
     the ground truth is below the target whenever the loop stops early (on small masks at
     large sizes it may not get there within `max_rounds`). An empty `gt` is returned as is.
+    `perturb_mask_tf` is the same algorithm as TensorFlow graph ops (training pipelines).
 
     Args:
       gt: 2-D ground truth, nonzero = foreground.
@@ -114,20 +197,115 @@ def perturb_mask(
     height, width = seg.shape
     if height <= 2 or width <= 2:
         return seg
-    for _ in range(max_rounds):
-        for _ in range(RECTANGLES_PER_ROUND):
-            x0, y0 = int(rng.integers(width)), int(rng.integers(height))
-            x1, y1 = int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1))
-            if rng.random() < 0.25:
-                seg[(y0 + y1) // 2, (x0 + x1) // 2] = int(rng.integers(2))
-            dilate = rng.random() < 0.5
-            kernel = _random_structure(rng, int(rng.integers(3, 10)))
-            window = seg[y0:y1, x0:x1]
-            op = cv2.dilate if dilate else cv2.erode
-            seg[y0:y1, x0:x1] = op(window, kernel, iterations=1)
-        if _iou(seg, truth) < iou_target:
-            break
-    return seg
+    rectangles = (draw_rectangle(rng, height, width) for _ in itertools.count())
+    return modify_rounds(seg, truth, iou_target, rectangles, max_rounds)
+
+
+# ----------------------------------------------------------------------------- graph ops
+
+
+def numpy_rng(seed: np.ndarray) -> np.random.Generator:
+    """A numpy Generator from a stateless TF seed (int32 [2], possibly negative)."""
+    return np.random.default_rng(np.asarray(seed, np.int64) & 0xFFFFFFFF)
+
+
+def rectangle_draws_tf(seed: Any, height: Any, width: Any, count: int) -> Any:
+    """int32 [count, 7] `Rectangle`s drawn from a stateless seed (int32 [2]) for a mask of
+    height x width: the distribution of `draw_rectangle` (other values)."""
+    import tensorflow as tf
+
+    r = tf.random.stateless_uniform([count, 7], seed, minval=0, maxval=2**31 - 1,
+                                    dtype=tf.int64)
+    height, width = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+    x0, y0 = r[:, 0] % width, r[:, 1] % height
+    x1, y1 = x0 + 1 + r[:, 2] % (width - x0), y0 + 1 + r[:, 3] % (height - y0)
+    centre = tf.where(r[:, 4] % 4 == 0, (r[:, 4] // 4) % 2, -1)
+    dilate, kernel = r[:, 5] % 2, r[:, 6] % NUM_KERNELS
+    return tf.cast(tf.stack([y0, x0, y1, x1, centre, dilate, kernel], axis=1), tf.int32)
+
+
+def dilate_tf(mask: Any, kernel: Any, bank: Any) -> Any:
+    """cv2.dilate of a float32 {0, 1} [h, w] mask by `structuring_element(kernel)`, pixels
+    outside the mask taking no part (zero padding): float32 {0, 1} [h, w].
+
+    bank: `kernel_bank()` as a tensor. The element's pixel count under it is exact in
+    float32; the conv2d is the fastest of the TF CPU kernels tried (dilation2d, run sums on
+    prefix sums, gathers).
+    """
+    import tensorflow as tf
+
+    hits = tf.nn.conv2d(mask[None, :, :, None], tf.gather(bank, kernel), 1, "SAME")
+    return tf.cast(hits[0, :, :, 0] > 0.5, tf.float32)
+
+
+def modify_rounds_tf(seg: Any, truth: Any, iou_target: Any, rectangles: Any,
+                     max_rounds: int = MAX_ROUNDS) -> Any:
+    """`modify_rounds` as graph ops: float32 {0, 1} [H, W] masks, rectangles int32
+    [>= max_rounds * 4, 7], iou_target float64. Bitwise the same mask as `modify_rounds`.
+
+    Erosion is the complement of the dilation of the complement (`dilate_tf`), outside
+    pixels again taking no part, as cv2 computes both on the rectangle alone.
+    """
+    import tensorflow as tf
+
+    bank = tf.constant(kernel_bank())
+
+    def rectangle(seg, r):
+        begin, end = r[0:2], r[2:4]
+        centre, erode = r[4], tf.cast(1 - r[5], tf.float32)
+        at = ((begin + end) // 2)[None]
+        value = tf.where(centre >= 0, tf.cast(centre, tf.float32), tf.gather_nd(seg, at)[0])
+        seg = tf.tensor_scatter_nd_update(seg, at, value[None])
+        window = tf.abs(tf.slice(seg, begin, end - begin) - erode)  # complement to erode
+        out = tf.abs(dilate_tf(window, r[6], bank) - erode)
+        return tf.raw_ops.TensorStridedSliceUpdate(input=seg, begin=begin, end=end,
+                                                   strides=[1, 1], value=out)
+
+    def iou(seg):
+        inter = tf.cast(tf.reduce_sum(seg * truth), tf.float64)
+        union = tf.cast(tf.reduce_sum(tf.maximum(seg, truth)), tf.float64)
+        return tf.where(union > 0, inter / tf.maximum(union, 1.0), tf.constant(1.0, tf.float64))
+
+    def body(i, seg, _):
+        for j in range(RECTANGLES_PER_ROUND):
+            seg = rectangle(seg, rectangles[i * RECTANGLES_PER_ROUND + j])
+        return i + 1, seg, iou(seg)
+
+    def cond(i, seg, score):
+        return (i < max_rounds) & (score >= iou_target)
+
+    start = (tf.constant(0), seg, tf.constant(np.inf, tf.float64))
+    return tf.while_loop(cond, body, start)[1]
+
+
+def perturb_mask_tf(gt: Any, iou_target: Any, seed: Any, *, max_rounds: int = MAX_ROUNDS
+                    ) -> Any:
+    """`perturb_mask` as TensorFlow ops (for tf.data): uint8 [H, W] gt (nonzero =
+    foreground), float64 target, stateless int32 [2] seed -> uint8 {0, 1} [H, W].
+
+    `thin_contours` (cv2's contour tracing, no graph op) runs in a `tf.numpy_function` with a
+    numpy Generator seeded from `seed`; its few calls release the GIL for their cv2 work.
+    The rounds are `modify_rounds_tf` on `rectangle_draws_tf(seed)`: given the same thinned
+    mask and rectangles, the result is bitwise `modify_rounds`'s.
+    """
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    truth = tf.cast(gt != 0, tf.uint8)
+
+    seg = tf.numpy_function(lambda mask, s: thin_contours(mask, numpy_rng(s)),
+                            [truth, seeds[0]], tf.uint8, stateful=False)
+    seg = tf.reshape(seg, tf.shape(truth))
+    height, width = tf.shape(truth)[0], tf.shape(truth)[1]
+
+    def rounds():
+        rects = rectangle_draws_tf(seeds[1], height, width, max_rounds * RECTANGLES_PER_ROUND)
+        out = modify_rounds_tf(tf.cast(seg, tf.float32), tf.cast(truth, tf.float32),
+                               tf.cast(iou_target, tf.float64), rects, max_rounds)
+        return tf.cast(out, tf.uint8)
+
+    work = tf.reduce_any(truth > 0) & (height > 2) & (width > 2)
+    return tf.cond(work, rounds, lambda: seg)
 
 
 def coarse_from_lowres(

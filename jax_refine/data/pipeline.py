@@ -4,19 +4,30 @@ CRM pipeline (paper recipe, reference `dataset/` of CascadePSP/CRM), per example
 load (image uint8 [H, W, 3], gt uint8 [H, W]) -> pad to at least crop x crop -> random crop
 and horizontal flip of image and mask together (one stateless seed) -> colour jitter of the
 image (brightness 0.2, contrast 0.05, saturation 0.05, torchvision semantics) and random
-grayscale (p = 0.1, torchvision's default) -> coarse mask = `perturb_mask(gt_crop, t)` with
-t ~ U[0.8, 1) (optionally mixed with `coarse_from_lowres`, see `CoarseSpec`) -> ImageNet
-normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's `SyntheticSource`
-renders only a crop-sized window of each scene, at a random position, instead of the whole
-scene, so there the random crop is a no-op.
+grayscale (p = 0.1, torchvision's default) -> coarse mask (`CoarseSpec`: `perturb_mask_tf`
+with target IoU t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) ->
+ImageNet normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's
+`SyntheticSource` renders only a crop-sized window of each scene, at a random position,
+instead of the whole scene, so there the random crop is a no-op.
+
+Where the work runs (so that the pipeline scales with host cores): the loaders (scene
+rendering, record reading and image decoding: Python holding the GIL for much of their time)
+run in worker processes (`train_dataset(workers=...)`); the augmentation is TensorFlow ops in
+a parallel tf.data map (no GIL), the perturbation's dilate/erode rounds and IoU stop
+included. Three cv2 steps stay numpy inside `tf.numpy_function`, exact as they are: the
+perturbation's contour thinning (cv2's contour tracing has no graph op), `coarse_from_lowres`
+and the soft masks' Gaussian blur; each is a few cv2 calls (which release the GIL) and little
+Python. A loader runs in 'spawn' processes: a script that builds a pipeline needs the usual
+`if __name__ == "__main__":` guard.
 
 Determinism and resume: the global example number k = step * batch_size + position seeds
-every random choice (stateless TF ops seeded with (seed, k); numpy Generators seeded with
-[seed, k, tag]). For a finite source, k maps to record perm_epoch[k % n] with epoch =
-k // n and perm_epoch a seeded permutation, so resuming at a step only means starting the
-index range there — there is no iterator state to save. Process p of P reads positions
-[p * B / P, (p + 1) * B / P) of every global batch (its slice for
-`jax.make_array_from_process_local_data`).
+every random choice (stateless TF ops seeded with (seed, k); the loaders' numpy Generators
+with [seed, k, tag]); no random state is shared between examples, so the batches are bitwise
+the same whatever the number of workers and threads. For a finite source, k maps to record
+perm_epoch[k % n] with epoch = k // n and perm_epoch a seeded permutation, so resuming at a
+step only means starting the index range there — there is no iterator state to save.
+Process p of P reads positions [p * B / P, (p + 1) * B / P) of every global batch (its slice
+for `jax.make_array_from_process_local_data`).
 
 The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) applies random scaling in
 [0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
@@ -28,18 +39,26 @@ Query coordinates are not shipped: the train step computes the crop's pixel-cent
 
 from __future__ import annotations
 
+import atexit
+import collections
 import dataclasses
+import itertools
+import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
+from jax_refine.data.perturb import coarse_from_lowres, numpy_rng, perturb_mask_tf
 from jax_refine.data.synthetic import WIRE_ID, make_scene
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_WORKERS = 32  # default cap on loader processes (each holds numpy, cv2 and a loader)
 # Training scene seeds start here; evaluation scenes use seeds below it (held out).
 TRAIN_SCENE_SEED_OFFSET = 1_000_000
 
@@ -179,17 +198,43 @@ class CoarseSpec:
     soft_prob: float = 0.0
     soft_sigma: tuple[float, float] = (0.5, 3.0)
 
-    def make(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop."""
-        if rng.random() < self.lowres_prob:
-            coarse = coarse_from_lowres(gt, float(rng.uniform(*self.lowres_factors)), rng)
-        else:
-            coarse = perturb_mask(gt, float(rng.uniform(*self.iou_range)), rng)
-        coarse = coarse.astype(np.float32)
-        if rng.random() < self.soft_prob:
-            sigma = float(rng.uniform(*self.soft_sigma))
-            coarse = cv2.GaussianBlur(coarse, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-        return coarse
+    def make(self, tf: Any, gt: Any, seed: Any) -> Any:
+        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop (uint8
+        [H, W]) and a stateless seed (int32 [2]); TensorFlow ops, for tf.data.
+
+        The perturbation is `perturb_mask_tf` (graph ops but for the contour step). The
+        low-resolution masks and the blur stay cv2 (`coarse_from_lowres`, cv2.GaussianBlur)
+        in `tf.numpy_function`s: a few cv2 calls each, which release the GIL.
+        """
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        u = tf.random.stateless_uniform([5], seeds[0], dtype=tf.float64)
+
+        def draw(i, bounds):
+            return bounds[0] + (bounds[1] - bounds[0]) * u[i]
+
+        def lowres():
+            def fn(g, factor, s):
+                return coarse_from_lowres(g, float(factor), numpy_rng(s))
+
+            out = tf.numpy_function(fn, [gt, draw(1, self.lowres_factors), seeds[1]],
+                                    tf.uint8, stateful=False)
+            return tf.reshape(out, tf.shape(gt))
+
+        def perturbed():
+            return perturb_mask_tf(gt, draw(2, self.iou_range), seeds[2])
+
+        coarse = tf.cast(tf.cond(u[3] < self.lowres_prob, lowres, perturbed), tf.float32)
+
+        def blurred():
+            def fn(mask, sigma):
+                return cv2.GaussianBlur(mask, (0, 0), float(sigma),
+                                        borderType=cv2.BORDER_REFLECT)
+
+            out = tf.numpy_function(fn, [coarse, draw(4, self.soft_sigma)], tf.float32,
+                                    stateful=False)
+            return tf.reshape(out, tf.shape(coarse))
+
+        return tf.cond(u[0] < self.soft_prob, blurred, lambda: coarse)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -228,14 +273,10 @@ class CrmAugment:
     grayscale_p: float = 0.1
     coarse: CoarseSpec = CoarseSpec()
 
-    def coarse_mask(self, gt: np.ndarray, k: np.int64) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, int(k), 3])
-        return self.coarse.make(gt, rng)
-
     def __call__(self, tf: Any, image: Any, gt: Any, k: Any) -> dict[str, Any]:
         """image uint8 [H, W, 3], gt uint8 [H, W] {0, 1}, k int64 -> one training example."""
         base = tf.stack([tf.constant(self.seed, tf.int64), k])
-        seeds = tf.random.experimental.stateless_split(tf.cast(base, tf.int64), 6)
+        seeds = tf.random.experimental.stateless_split(tf.cast(base, tf.int64), 7)
         seeds = tf.cast(seeds, tf.int32)
         both = tf.concat([image, gt[..., None]], axis=-1)
         h, w = tf.shape(both)[0], tf.shape(both)[1]
@@ -248,8 +289,7 @@ class CrmAugment:
         rgb = colour_jitter(tf, rgb, seeds[2:6], self.brightness, self.contrast,
                             self.saturation, self.grayscale_p)
         gt_crop = both[..., 3]
-        coarse = tf.numpy_function(self.coarse_mask, [gt_crop, k], tf.float32, stateful=False)
-        coarse = tf.ensure_shape(coarse, [self.crop, self.crop])
+        coarse = tf.ensure_shape(self.coarse.make(tf, gt_crop, seeds[6]), [self.crop, self.crop])
         mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
         return {
             "image": (rgb - mean) / std,
@@ -323,12 +363,22 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 2,
+    workers: int | None = None,
+    threads: int | None = None,
 ) -> Any:
     """tf.data.Dataset of this process's local batches, starting at global step `start_step`.
 
     Elements: {'image' [b, crop, crop, 3], 'mask' [b, crop, crop, 1], 'gt' [b, crop, crop, 1]}
     float32 with b = global_batch_size / process_count (with a `PnaAugment`: {'image',
     'label' int32 [b, crop, crop]} — the same indexing serves the PNA pipeline).
+
+    The loader is Python (scene rendering, record reading and decoding) and holds the GIL
+    for much of its time, so it runs in `workers` processes (None: one per core this process
+    may use, at most MAX_WORKERS; 0: in tf.data's threads through `tf.numpy_function`), a
+    bounded window of examples ahead, in order; it must pickle (the sources here do). The
+    augmentation is TensorFlow ops in a parallel (AUTOTUNE, deterministic) map on a pool of
+    `threads` threads (None: TF's default, one per core). Example k is a pure function of
+    (seed, k): the batches are bitwise the same whatever `workers` and `threads`.
     """
     tf = _tf()
     if global_batch_size % process_count:
@@ -336,24 +386,92 @@ def train_dataset(
                          f"processes")
     local = global_batch_size // process_count
     first = process_index * local
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    if workers < 0 or (threads is not None and threads < 1):
+        raise ValueError(f"workers must be >= 0 and threads >= 1, got {workers}, {threads}")
 
-    def indices(step):
-        start = step * global_batch_size + first
-        return tf.data.Dataset.range(start, start + local)
+    def indices():  # this process's example numbers, from start_step on
+        for step in itertools.count(start_step):
+            start = step * global_batch_size + first
+            yield from range(start, start + local)
 
-    def load(k):
-        image, gt = tf.numpy_function(lambda i: loader(int(i)), [k], [tf.uint8, tf.uint8],
-                                      stateful=False)
-        return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(gt, [None, None]), k
+    specs = (tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, None], tf.uint8),
+             tf.TensorSpec([], tf.int64))
+    if workers:
+        def examples():
+            for k, (image, gt) in zip(indices(), _in_workers(loader, indices(), workers),
+                                      strict=False):
+                yield image, gt, k
 
-    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
-    ds = ds.flat_map(indices)
-    ds = ds.map(lambda k: augment(tf, *load(k)), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+        ds = tf.data.Dataset.from_generator(examples, output_signature=specs)
+    else:
+        def load(k):
+            image, gt = tf.numpy_function(lambda i: loader(int(i)), [k], [tf.uint8, tf.uint8],
+                                          stateful=False)
+            return tf.ensure_shape(image, specs[0].shape), tf.ensure_shape(gt, specs[1].shape), k
+
+        def step_indices(step):
+            start = step * global_batch_size + first
+            return tf.data.Dataset.range(start, start + local)
+
+        ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // global_batch_size)
+        ds = ds.flat_map(step_indices)
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # The transforms use explicit tf.cond / tf.while_loop: no AutoGraph conversion (which
+    # took most of the pipeline's set-up time).
+    transform = tf.autograph.experimental.do_not_convert(
+        lambda image, gt, k: augment(tf, image, gt, k))
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
+    if threads is not None:
+        options.threading.private_threadpool_size = threads
     return ds.with_options(options).prefetch(prefetch)
+
+
+_EXITING = threading.Event()
+
+
+@atexit.register  # runs before multiprocessing's own exit handler (LIFO)
+def _let_tf_data_go() -> None:
+    """At exit, end the open worker iterators and give tf.data's threads time to leave
+    Python: a thread still waiting in there when the interpreter finalises hangs the exit."""
+    _EXITING.set()
+    time.sleep(0.5)
+
+
+def _start_worker(parent: int) -> None:
+    """Worker set-up: one core per worker; exit when the parent dies (even by SIGKILL)."""
+    cv2.setNumThreads(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _in_workers(loader: Loader, ks: Iterator[int], workers: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """loader(k) for k in ks, computed by `workers` fresh ('spawn') processes, in order, at
+    most 4 per worker ahead of the consumer. The processes end with the iterator, with their
+    parent, and at interpreter exit. An open iterator's tf.data thread waits in here: at exit
+    it is let go first (`_EXITING`), else TF's shutdown waits for it forever."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process running TF/JAX threads
+    with ctx.Pool(workers, _start_worker, (os.getpid(),)) as pool:  # exit: terminate()
+        pending = collections.deque(pool.apply_async(loader, (k,))
+                                    for k in itertools.islice(ks, 4 * workers))
+        while pending:
+            future = pending.popleft()
+            while not future.ready():
+                if _EXITING.is_set():  # let tf.data's thread leave before the pool ends
+                    return
+                future.wait(0.1)
+            pending.extend(pool.apply_async(loader, (k,)) for k in itertools.islice(ks, 1))
+            yield future.get()
 
 
 def as_numpy(ds: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -45,6 +45,16 @@ def _read(path: Path, mode: str) -> np.ndarray:
         raise ValueError(f"unreadable file {path}: {err}") from err
 
 
+def _stored_image(path: Path, image: np.ndarray) -> Path | np.ndarray:
+    """What the builders store for an RGB image read from `path`: an RGB JPEG file's own
+    bytes (TFDS copies the file: no re-encoding, a JPEG decode when training), else the
+    pixels (TFDS encodes them as PNG)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return path if im.format == "JPEG" and im.mode == "RGB" else image
+
+
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the local builders: no download checksums (and no package-resource lookup,
     which needs the `importlib_resources` backport under this TFDS version)."""
@@ -58,13 +68,19 @@ class _FolderBuilder(_LocalBuilder, skip_registration=True):
 
     The folders are the dataset's identity (`identity` names one build per folder set).
     Problems found while generating are collected with their paths and logged; a build with
-    no usable example is an error that quotes them.
+    no usable example is an error that quotes them. `arguments` are the subclass's own
+    constructor arguments: a pickled builder (inside a data source sent to worker processes)
+    is rebuilt from them.
     """
 
-    def __init__(self, *, identity: str, description: str, **kwargs: Any):
+    def __init__(self, *, identity: str, description: str, arguments: dict[str, Any],
+                 **kwargs: Any):
         self.problems: list[str] = []
         config = tfds.core.BuilderConfig(name=identity, description=description)
         super().__init__(config=config, **kwargs)
+        state = self._original_state
+        self._original_state = {"data_dir": state["data_dir"], "version": state["version"],
+                                **arguments}
 
     def _folder_info(self, features: dict[str, Any], **metadata: Any) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -149,7 +165,8 @@ class RefineFolder(_FolderBuilder):
     all zeros and has_coarse False when absent), name (relative path).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "RGB JPEG images stored as their files (no PNG re-encoding)."}
 
     def __init__(self, *, folders: str | Sequence[str] = "", layout: str = "pairs",
                  **kwargs: Any):
@@ -159,6 +176,7 @@ class RefineFolder(_FolderBuilder):
         self.layout = layout
         super().__init__(
             identity=f"{layout}_{_digest([str(f) for f in self.folders])}",
+            arguments={"folders": [str(f) for f in self.folders], "layout": layout},
             description=f"{layout} from {', '.join(str(f) for f in self.folders)}",
             **kwargs,
         )
@@ -225,7 +243,7 @@ class RefineFolder(_FolderBuilder):
                 continue
             count += 1
             yield key, {
-                "image": image,
+                "image": _stored_image(image_path, image),
                 "mask": mask[..., None],
                 "coarse": (coarse if coarse is not None else np.zeros_like(mask))[..., None],
                 "has_coarse": coarse is not None,
@@ -249,7 +267,8 @@ class SemanticFolder(_FolderBuilder):
     ignore_label (255).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "RGB JPEG images stored as their files (no PNG re-encoding)."}
     IGNORE_LABEL = 255
 
     def __init__(self, *, images: str = "", labels: str = "",
@@ -268,6 +287,8 @@ class SemanticFolder(_FolderBuilder):
         digest = _digest(str(self.image_dir), str(self.label_dir), self.class_names)
         super().__init__(
             identity=f"{split}_{digest}",
+            arguments={"images": str(self.image_dir), "labels": str(self.label_dir),
+                       "class_names": self.class_names, "split": split},
             description=f"{self.image_dir} + {self.label_dir}",
             **kwargs,
         )
@@ -314,5 +335,6 @@ class SemanticFolder(_FolderBuilder):
                              f"(and not 255): {labels[stem]}")
                 continue
             count += 1
-            yield stem, {"image": image, "label": label[..., None], "name": stem}
+            yield stem, {"image": _stored_image(images[stem], image),
+                         "label": label[..., None], "name": stem}
         self._check_any(count, f"{self.image_dir} + {self.label_dir}")
