@@ -23,7 +23,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

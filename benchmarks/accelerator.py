@@ -91,8 +91,8 @@ def make_inputs(directory: Path, small: bool) -> dict:
     # The folder: crops of the largest scene, sides drawn from 2K-4K (small: 40-70 px).
     rng = np.random.default_rng(7)
     big = np.load(scenes[-1])
-    lo, hi = (40, 60) if small else (2000, 4000)  # small: one shape bucket
-    count = 3 if small else 20
+    lo, hi = (70, 96) if small else (2000, 4000)  # small: the scene's shape bucket
+    count = 1 if small else 20  # small: the folder reuses the single-image programs
     folder = []
     for k in range(count):
         h = int(rng.integers(lo, min(hi, big["image"].shape[0]) + 1))
