@@ -264,7 +264,8 @@ class Refiner:
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        accelerator = jax.local_devices()[0].platform != "cpu"
+        self._platform = jax.local_devices()[0].platform
+        accelerator = self._platform != "cpu"
         if bucket == "auto":
             bucket = "ladder" if accelerator else 64
         if not (bucket is None or bucket == "ladder" or (isinstance(bucket, int) and bucket > 0)):
@@ -277,7 +278,6 @@ class Refiner:
         default_pixels = ACCELERATOR_BATCH_PIXELS if accelerator else CPU_BATCH_PIXELS
         self.batch_pixels = int(batch_pixels or default_pixels)
         self.trace_count = 0
-        self._platform = jax.local_devices()[0].platform
         self._programs: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._compiled: dict[tuple, Any] = {}
 
