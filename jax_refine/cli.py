@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_refine.io import IMAGE_SUFFIXES, read_image, read_mask, write_image
+from jax_refine.io import IMAGE_SUFFIXES, files_by_stem, read_image, read_mask, write_image
 from jax_refine.models import checkpoint_dir
 from jax_refine.refine import (
     CONFIG_FORMAT,
@@ -169,15 +169,6 @@ def _setup_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _entries(directory: Path) -> dict[str, list[Path]]:
-    """Files of `directory` by stem (literal names: no glob interpretation)."""
-    by_stem: dict[str, list[Path]] = {}
-    for entry in sorted(directory.iterdir()):
-        if entry.is_file() and not entry.name.startswith("."):
-            by_stem.setdefault(entry.stem, []).append(entry)
-    return by_stem
-
-
 def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     """(jobs whose inputs and outputs passed every check, problems of the others).
 
@@ -196,7 +187,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     in_dir, out_dir = Path(args.input_dir), Path(args.output_dir)
     if not in_dir.is_dir():
         return [], [f"input folder {in_dir} does not exist or is not a folder"]
-    by_stem = _entries(in_dir)
+    by_stem = files_by_stem(in_dir)
     inputs = _file_ids([p for paths in by_stem.values() for p in paths])
     jobs, problems = [], []
     for stem, paths in by_stem.items():

@@ -150,3 +150,12 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
     _atomic_write(path, buffer.getvalue())
+
+
+def files_by_stem(directory: Path) -> dict[str, list[Path]]:
+    """Files of `directory` by stem, sorted (literal names: no glob interpretation)."""
+    by_stem: dict[str, list[Path]] = {}
+    for entry in sorted(Path(directory).iterdir()):
+        if entry.is_file() and not entry.name.startswith("."):
+            by_stem.setdefault(entry.stem, []).append(entry)
+    return by_stem

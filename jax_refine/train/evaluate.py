@@ -45,20 +45,21 @@ class Sample:
 
 def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
     """Samples of a BIG-layout folder (name_im.*, name_gt.*, name_seg.*)."""
-    from jax_refine.cli import read_image, read_mask
+    from jax_refine.io import files_by_stem, read_image, read_mask
     from jax_refine.refine import image_to_rgb
 
     folder = Path(folder)
-    images = sorted(folder.glob("*_im.*"))
-    if not images:
+    by_stem = files_by_stem(folder)  # literal names: "a[1]_im.png" pairs with "a[1]_seg.png"
+    names = [stem[: -len("_im")] for stem in by_stem if stem.endswith("_im")]
+    if not names:
         raise ValueError(f"no *_im.* images in {folder}")
-    for k, path in enumerate(images):
+    for k, name in enumerate(names):
         if limit and k >= limit:
             return
-        name = path.name[: path.name.rindex("_im.")]
+        path = by_stem[f"{name}_im"][0]
         found = {}
         for tag in ("gt", "seg"):
-            matches = sorted(folder.glob(f"{name}_{tag}.*"))
+            matches = by_stem.get(f"{name}_{tag}")
             if not matches:
                 raise ValueError(f"{path}: missing {name}_{tag}.* in {folder}")
             found[tag] = (read_mask(matches[0]) > 128).astype(np.uint8)
