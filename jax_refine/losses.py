@@ -14,9 +14,17 @@ and scored with per-pixel cross-entropy, label 255 ignored;
 
     loss = 1.0 * L(P0) + 0.1 * (L(P1) + L(P2) + L(P3) + L(P4)),
 
-L being 'cross_entropy' (mean over the valid pixels) or 'hard_pixel_mining' (the official
-`DeepLabCE(top_k_percent_pixels=0.2)`, see `hard_pixel_cross_entropy`). The official configs
-pick L per head (e.g. Cityscapes FPN: P0 mining, P1..P4 plain cross-entropy).
+L being 'cross_entropy' (mean over the valid pixels), 'hard_pixel_mining' (the official
+`DeepLabCE(top_k_percent_pixels=0.2)`, see `hard_pixel_cross_entropy`) or
+'cross_entropy_all' (mmseg's `CrossEntropyLoss` as the reference's mmsegmentation branch
+uses it, `avg_non_ignore=False`: the sum over the valid pixels divided by ALL pixels of the
+batch, ignored ones included). The detectron2 configs pick L per head (e.g. Cityscapes FPN:
+P0 mining, P1..P4 plain cross-entropy); the mmseg configs use 'cross_entropy_all' throughout.
+
+mmseg's auxiliary head (training only, `PNASegmentor.auxiliary_head`) adds
+`aux_weight * L_coarse(aux)` (its logits upsampled the same way; 0.4 in every PNA mmseg
+config). Every mmseg head (`BaseDecodeHead.losses`, PNA's `PNAHead.losses`) resizes its
+logits to the label size with bilinear, align_corners=False, as here.
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ def crm_loss(
 
 IGNORE_LABEL = 255
 HARD_PIXEL_RATIO = 0.2  # official DeepLabCE(top_k_percent_pixels=0.2)
-PNA_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+PNA_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining", "cross_entropy_all")
 
 
 def pixel_cross_entropy(
@@ -128,9 +136,11 @@ def semantic_loss(
     logits: Array, labels: Array, loss_type: str, *, ratio: float = HARD_PIXEL_RATIO,
     ignore_label: int = IGNORE_LABEL,
 ) -> Array:
-    """`loss_type` ('cross_entropy' or 'hard_pixel_mining') of logits at the labels' size."""
+    """`loss_type` (one of `PNA_LOSS_TYPES`) of logits at the labels' size."""
     if loss_type == "cross_entropy":
         return cross_entropy(logits, labels, ignore_label)
+    if loss_type == "cross_entropy_all":
+        return pixel_cross_entropy(logits, labels, ignore_label)[0].mean()
     if loss_type == "hard_pixel_mining":
         return hard_pixel_cross_entropy(logits, labels, ratio, ignore_label)
     raise ValueError(f"loss_type must be one of {PNA_LOSS_TYPES}, got {loss_type!r}")
@@ -146,22 +156,36 @@ def pna_loss(
     stage_weight: float = 0.1,
     ratio: float = HARD_PIXEL_RATIO,
     ignore_label: int = IGNORE_LABEL,
+    aux_logits: Array | None = None,
+    aux_weight: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
-    """(weighted total, unweighted terms {'p0'..'p4'}) of the PNA loss (module docstring).
+    """(weighted total, unweighted terms {'p0'..'p4'[, 'aux']}) of the PNA loss (module
+    docstring).
 
     Args:
       stage_logits: [P0, P1, ...], each [B, h, w, K] at its own stride.
       labels: int [B, H, W], `ignore_label` = void.
       coarse_loss, stage_loss: loss type of P0 and of P1..; coarse_weight, stage_weight:
         their weights (official 1.0 and 0.1).
+      aux_logits: the auxiliary head's [B, h, w, K] logits (training only), scored with
+        `coarse_loss`; ignored when `aux_weight` is 0.
+      aux_weight: weight of the auxiliary term (mmseg: 0.4; 0 = none).
     """
     size = labels.shape[1:3]
-    terms = {}
-    for i, logits in enumerate(stage_logits):
+
+    def term(logits: Array, loss_type: str) -> Array:
         if logits.shape[1:3] != size:
             logits = resize_bilinear(logits.astype(jnp.float32), size, align_corners=False)
-        terms[f"p{i}"] = semantic_loss(logits, labels, coarse_loss if i == 0 else stage_loss,
-                                       ratio=ratio, ignore_label=ignore_label)
+        return semantic_loss(logits, labels, loss_type, ratio=ratio, ignore_label=ignore_label)
+
+    terms = {f"p{i}": term(logits, coarse_loss if i == 0 else stage_loss)
+             for i, logits in enumerate(stage_logits)}
     total = sum((coarse_weight if i == 0 else stage_weight) * terms[f"p{i}"]
                 for i in range(len(stage_logits)))
+    if aux_weight:
+        if aux_logits is None:
+            raise ValueError("pna_loss: aux_weight is set but no aux_logits were given (the "
+                             "model needs auxiliary_head=True)")
+        terms["aux"] = term(aux_logits, coarse_loss)
+        total = total + aux_weight * terms["aux"]
     return total, terms

@@ -46,7 +46,8 @@ from jax_refine.convert.detectron2 import (
 
 Tree = dict[str, Any]
 IGNORE = (r"(^|\.)num_batches_tracked$",)
-COARSE_HEADS = ("deeplabv3", "semantic_fpn", "fcn", "psp")
+COARSE_HEADS = ("deeplabv3", "semantic_fpn", "fcn", "psp", "aspp")
+MMSEG_STAGES = {f"pna{i}": f"res{i + 2}" for i in range(4)}  # mmseg PNAHead stage names
 
 
 def _conv_module(reader: StateDictReader, key: str) -> tuple[Tree, Tree]:
@@ -84,6 +85,22 @@ def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree
     return params, stats
 
 
+def aspp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
+    """mmsegmentation `ASPPHead` keys -> `models.heads.ASPPHead` tree (image_pool.1 ->
+    image_pool: index 0 of mmseg's Sequential is the parameter-free pooling)."""
+    params: Tree = {}
+    stats: Tree = {}
+    params["image_pool"], stats["image_pool"] = _conv_module(reader, f"{prefix}image_pool.1")
+    branches = sorted({int(m.group(1)) for k in reader.keys()
+                       if (m := re.match(rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.", k))})
+    for i in branches or [0]:
+        name = f"aspp_modules_{i}"
+        params[name], stats[name] = _conv_module(reader, f"{prefix}aspp_modules.{i}")
+    params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
+    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
+    return params, stats
+
+
 def coarse_head_variables(
     state_dict: Mapping[str, Any], kind: str, prefix: str = "", fpn_prefix: str | None = None
 ) -> dict[str, Tree]:
@@ -93,7 +110,7 @@ def coarse_head_variables(
       state_dict: keys of the head under `prefix` (others are ignored).
       kind: 'deeplabv3' (`DeepLabV3Head`), 'semantic_fpn' (`SemanticFPNHead`: the FPN keys
         `fpn_lateral{k}`/`fpn_output{k}` under `fpn_prefix`, default `prefix`), 'fcn'
-        (`FCNHead`) or 'psp' (`PSPHead`).
+        (`FCNHead`), 'psp' (`PSPHead`) or 'aspp' (mmseg `ASPPHead`).
     """
     if kind not in COARSE_HEADS:
         raise ValueError(f"kind must be one of {COARSE_HEADS}, got {kind!r}")
@@ -111,7 +128,8 @@ def coarse_head_variables(
         params = {"fpn": fpn_p, "head": head_p}
         stats = {k: v for k, v in (("fpn", fpn_s), ("head", head_s)) if v}
         return {"params": params, "batch_stats": stats}
-    tree = {"deeplabv3": deeplabv3_head_tree, "fcn": fcn_head_tree, "psp": psp_head_tree}[kind]
+    tree = {"deeplabv3": deeplabv3_head_tree, "fcn": fcn_head_tree, "psp": psp_head_tree,
+            "aspp": aspp_head_tree}[kind]
     reader = StateDictReader(state_dict, prefix, where="coarse_head_variables", ignore=IGNORE)
     params, stats = tree(reader)
     reader.finish()
@@ -123,21 +141,34 @@ def _features(reader: StateDictReader, prefix: str) -> list[str]:
     return sorted({m.group(1) for k in reader.keys() if (m := pattern.match(k))})
 
 
+def _embed_tree(reader: StateDictReader, key: str) -> Tree:
+    """A 1x1 embedding conv (bias in mmseg's head, none in detectron2's)."""
+    tree = {"kernel": reader.conv(f"{key}.weight")}
+    if reader.has(f"{key}.bias"):
+        tree["bias"] = reader.get(f"{key}.bias")
+    return tree
+
+
 def pna_head_tree(reader: StateDictReader, prefix: str = "") -> Tree:
-    """PNA head keys under `prefix` -> params of `models.pna.PNAHead`."""
+    """PNA head keys under `prefix` -> params of `models.pna.PNAHead`.
+
+    detectron2's head names its stages by feature (`res2`..`res5`); mmseg's by input index
+    (`pna0`..`pna3`, pna{i} = res{i+2}, `MMSEG_STAGES`) and its embeddings have a bias.
+    """
     params: Tree = {}
     features = _features(reader, prefix) or ["res2", "res3", "res4", "res5"]
-    for f in features:
-        params[f"patch_embeds_{f}"] = {"kernel": reader.conv(f"{prefix}patch_embeds.{f}.weight")}
-        params[f"value_embeds_{f}"] = {"kernel": reader.conv(f"{prefix}value_embeds.{f}.weight")}
-        params[f"conv_seg_layers_{f}"] = conv_tree(reader, f"{prefix}conv_seg_layers.{f}")
+    for key in features:
+        f = MMSEG_STAGES.get(key, key)
+        params[f"patch_embeds_{f}"] = _embed_tree(reader, f"{prefix}patch_embeds.{key}")
+        params[f"value_embeds_{f}"] = _embed_tree(reader, f"{prefix}value_embeds.{key}")
+        params[f"conv_seg_layers_{f}"] = conv_tree(reader, f"{prefix}conv_seg_layers.{key}")
         stage: Tree = {}
-        block_re = re.compile(rf"^{re.escape(prefix)}stages\.{re.escape(f)}\.blocks\.(\d+)\.")
+        block_re = re.compile(rf"^{re.escape(prefix)}stages\.{re.escape(key)}\.blocks\.(\d+)\.")
         blocks = sorted({int(m.group(1)) for k in reader.keys() if (m := block_re.match(k))})
         if not blocks:
-            reader.get(f"{prefix}stages.{f}.blocks.0.*")  # recorded as missing
+            reader.get(f"{prefix}stages.{key}.blocks.0.*")  # recorded as missing
         for i in blocks:
-            stage[f"blocks_{i}"] = pna_layer_tree(reader, f"{prefix}stages.{f}.blocks.{i}.")
+            stage[f"blocks_{i}"] = pna_layer_tree(reader, f"{prefix}stages.{key}.blocks.{i}.")
         params[f"stages_{f}"] = stage
     return params
 

@@ -22,16 +22,23 @@ readable table, see `jax_refine.convert.detectron2` and `jax_refine.convert.pna`
   summed; `head/predictor` 1x1 with bias). `i` is the index in detectron2's Sequential
   (0, 2, 4: the upsamplings sit at the odd indices). Needs sizes divisible by 32 (the
   reference pads the image; `PNASegmentor(size_divisibility=32)` does the same).
-* `FCNHead` — "FCN-OS-32" of the paper. The paper's Table 1 FCN (49.5M parameters with
-  ResNet-50) is mmsegmentation's `FCNHead` from the reference's mmsegmentation branch
-  (`pna_fcn_r50-d32`): on res5 (stride 32, no dilation) two 3x3 conv-BN-ReLU of 512
-  channels (`convs_0`, `convs_1`), the input concatenated with their output and fused by a
-  third 3x3 conv-BN-ReLU (`conv_cat`), dropout 0.1, then the 1x1 classifier `conv_seg`.
-  (Its training-only auxiliary FCN on res4 is not part of P0 and is not built here.)
-* `PSPHead` — mmsegmentation's `PSPHead`: for each pool scale s in (1, 2, 3, 6) PyTorch's
-  adaptive average pooling to s x s, 1x1 conv-BN-ReLU (`psp_modules_{i}`), bilinear back
-  (align_corners=False); concat [x, pooled...], 3x3 conv-BN-ReLU (`bottleneck`), dropout
-  0.1, `conv_seg`.
+* mmsegmentation heads (the reference's mmsegmentation branch, mmseg `BaseDecodeHead`:
+  every conv is mmcv's `ConvModule` = conv (no bias) -> BN -> ReLU, Kaiming-initialised
+  (fan_out, normal); `Dropout2d(0.1)` — whole channels dropped — before the 1x1 classifier
+  `conv_seg` (normal std 0.01); every bilinear resize with align_corners=False):
+  * `FCNHead` — "FCN-OS-32" of the paper (Table 1, `pna_fcn_r50-d32`): on res5 (stride 32)
+    `num_convs` 3x3 convs of `channels` (`convs_{i}`; 2 x 512), the input concatenated with
+    their output and fused by a 3x3 conv (`conv_cat`, `concat_input`), dropout, `conv_seg`.
+    The same class is mmseg's training-only auxiliary head on res4 (`auxiliary_fcn_head`:
+    one 3x3 conv of 256, no concat, loss weight 0.4 in every PNA mmseg config).
+  * `PSPHead` — for each pool scale s in (1, 2, 3, 6) PyTorch's adaptive average pooling to
+    s x s, 1x1 conv (`psp_modules_{i}`), bilinear back; concat [x, pooled...], 3x3 conv
+    (`bottleneck`), dropout, `conv_seg`.
+  * `ASPPHead` — mmseg's DeepLabV3 head (NOT detectron2's `DeepLabV3Head`): `image_pool`
+    (global average pool, 1x1 ConvModule WITH BN and ReLU, bilinear back), `aspp_modules_{i}`
+    per dilation (1x1 conv for dilation 1, else 3x3 with that dilation; (1, 12, 24, 36) of
+    512 channels in the PNA configs), concat [image_pool, aspp...], 3x3 `bottleneck`,
+    dropout, `conv_seg`.
 
 Norms (`norm`): 'BN'/'SyncBN' = BatchNorm (eps 1e-5, PyTorch momentum 0.1; statistics are
 averaged over `axis_name` when given — under `jit` with a sharded batch the statistics are
@@ -264,16 +271,28 @@ class DeepLabV3Head(nn.Module):
         return _classifier(self, 0.001, "predictor")(x)
 
 
+def _mmseg_cls_seg(module: nn.Module, x: Array, train: bool) -> Array:
+    """mmseg `BaseDecodeHead.cls_seg`: Dropout2d (whole channels, training only), `conv_seg`."""
+    x = nn.Dropout(module.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
+    return _classifier(module, 0.01, "conv_seg")(x)
+
+
+def _mmseg_conv_kwargs(module: nn.Module) -> dict[str, Any]:
+    """mmcv ConvModule settings of an mmseg head's convs (norm, Kaiming init, sync axis, dtypes)."""
+    return _layer_kwargs(module, norm=module.norm, kernel_init=c2_msra_fill)
+
+
 class FCNHead(nn.Module):
-    """FCN coarse head (mmsegmentation `FCNHead`; the paper's FCN-OS-32 on a stride-32 res5).
+    """mmsegmentation `FCNHead` (see the module docstring).
 
     Attributes:
       num_classes: output classes.
       in_feature: backbone feature to read.
-      channels: width of the head's convs (512).
-      num_convs: number of stacked 3x3 conv-norm-ReLU (`convs_{i}`), >= 1.
+      channels: width of the head's convs (512; 256 for the auxiliary head).
+      num_convs: number of stacked 3x3 conv-norm-ReLU (`convs_{i}`); 0 = none (the input
+        must then have `channels` channels, as mmseg asserts).
       concat_input: concatenate the input with the convs' output and fuse (`conv_cat`).
-      dropout: dropout rate before `conv_seg` (training only).
+      dropout: Dropout2d rate before `conv_seg` (training only).
       norm: norm of the convs.
     Returns [B, h, w, num_classes] at the stride of `in_feature`.
     """
@@ -291,29 +310,31 @@ class FCNHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
-        if self.num_convs < 1:
-            raise ValueError(f"num_convs must be >= 1, got {self.num_convs}")
         x = _feature(features, self.in_feature, "FCNHead")
-        kw = _layer_kwargs(self, norm=self.norm)
+        if self.num_convs < 0:
+            raise ValueError(f"FCNHead: num_convs must be >= 0, got {self.num_convs}")
+        if self.num_convs == 0 and x.shape[-1] != self.channels:
+            raise ValueError(f"FCNHead: num_convs=0 needs {self.in_feature} with "
+                             f"channels={self.channels} channels, got {x.shape[-1]}")
+        kw = _mmseg_conv_kwargs(self)
         y = x
         for i in range(self.num_convs):
             y = ConvNorm(self.channels, 3, name=f"convs_{i}", **kw)(y, train=train)
         if self.concat_input:
             y = jnp.concatenate([x, y], axis=-1)
             y = ConvNorm(self.channels, 3, name="conv_cat", **kw)(y, train=train)
-        y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return _classifier(self, 0.01, "conv_seg")(y)
+        return _mmseg_cls_seg(self, y, train)
 
 
 class PSPHead(nn.Module):
-    """PSP coarse head (mmsegmentation `PSPHead`, PyTorch-exact adaptive average pooling).
+    """mmsegmentation `PSPHead` (see the module docstring; PyTorch-exact adaptive pooling).
 
     Attributes:
       num_classes: output classes.
       in_feature: backbone feature to read.
       channels: width of the pyramid branches and of the bottleneck (512).
       pool_scales: adaptive pooling output sizes (1, 2, 3, 6).
-      dropout: dropout rate before `conv_seg` (training only).
+      dropout: Dropout2d rate before `conv_seg` (training only).
       norm: norm of the convs.
     Returns [B, h, w, num_classes] at the stride of `in_feature`.
     """
@@ -331,7 +352,7 @@ class PSPHead(nn.Module):
     @nn.compact
     def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
         x = _feature(features, self.in_feature, "PSPHead")
-        kw = _layer_kwargs(self, norm=self.norm)
+        kw = _mmseg_conv_kwargs(self)
         outs = [x]
         for i, scale in enumerate(self.pool_scales):
             y = adaptive_avg_pool(x, scale)
@@ -339,8 +360,45 @@ class PSPHead(nn.Module):
             outs.append(_upsample_pooled(y, x.shape[1:3]))
         y = jnp.concatenate(outs, axis=-1)
         y = ConvNorm(self.channels, 3, name="bottleneck", **kw)(y, train=train)
-        y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return _classifier(self, 0.01, "conv_seg")(y)
+        return _mmseg_cls_seg(self, y, train)
+
+
+class ASPPHead(nn.Module):
+    """mmsegmentation `ASPPHead` (DeepLabV3; see the module docstring).
+
+    Attributes:
+      num_classes: output classes.
+      in_feature: backbone feature to read (res5, stride 16 in the PNA configs).
+      channels: width of every branch and of the bottleneck (512).
+      dilations: one branch per dilation; 1 = a 1x1 conv, d > 1 = a 3x3 conv dilated d.
+      dropout: Dropout2d rate before `conv_seg` (training only).
+      norm: norm of every conv (the image-pooling conv included).
+    Returns [B, h, w, num_classes] at the stride of `in_feature`.
+    """
+
+    num_classes: int
+    in_feature: str = "res5"
+    channels: int = 512
+    dilations: Sequence[int] = (1, 12, 24, 36)
+    dropout: float = 0.1
+    norm: str = "BN"
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Mapping[str, Array], *, train: bool = False) -> Array:
+        x = _feature(features, self.in_feature, "ASPPHead")
+        kw = _mmseg_conv_kwargs(self)
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        pooled = ConvNorm(self.channels, 1, name="image_pool", **kw)(pooled, train=train)
+        outs = [_upsample_pooled(pooled, x.shape[1:3])]
+        for i, d in enumerate(self.dilations):
+            conv = ConvNorm(self.channels, 1 if d == 1 else 3, d, name=f"aspp_modules_{i}", **kw)
+            outs.append(conv(x, train=train))
+        y = jnp.concatenate(outs, axis=-1)
+        y = ConvNorm(self.channels, 3, name="bottleneck", **kw)(y, train=train)
+        return _mmseg_cls_seg(self, y, train)
 
 
 def _level(name: str, prefix: str) -> int:

@@ -44,6 +44,7 @@ from jax_refine.layers import PNALayer
 from jax_refine.models import checkpoint_dir
 from jax_refine.models.backbones.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from jax_refine.models.heads import (
+    ASPPHead,
     DeepLabV3Head,
     FCNHead,
     PSPHead,
@@ -177,6 +178,8 @@ class PNAHead(nn.Module):
       use_sa: use the self-aggregation module in every layer.
       in_features: feature names, high to low resolution.
       depth: PNALayers per stage (1).
+      embed_bias: the 1x1 query/value embeddings have a bias (mmseg's head: True;
+        detectron2's: False). Nothing else differs between the two references' heads.
       dtype, param_dtype: computation and parameter dtypes.
     Called as head(coarse_logits [B, h5, w5, K], {'res2': [B, h2, w2, C2], ...}); returns
     the stage logits [P1 (res5 size), P2 (res4), P3 (res3), P4 (res2)], each [B, h, w, K].
@@ -190,6 +193,7 @@ class PNAHead(nn.Module):
     use_sa: bool = True
     in_features: Sequence[str] = ("res2", "res3", "res4", "res5")
     depth: int = 1
+    embed_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -216,9 +220,8 @@ class PNAHead(nn.Module):
                 value = resize_bilinear(value, size, align_corners=False)
             elif value.shape[1:3] != size:
                 value = resize_nearest(value, size)
-            embed = functools.partial(
-                nn.Conv, dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill, **types
-            )
+            embed = functools.partial(nn.Conv, dim, (1, 1), use_bias=self.embed_bias,
+                                      kernel_init=c2_xavier_fill, **types)
             query = embed(name=f"patch_embeds_{f}")(x)
             value = embed(name=f"value_embeds_{f}")(value)
             out = PNABlock(
@@ -245,12 +248,18 @@ class PNAHead(nn.Module):
 
 
 class PNASegmentor(nn.Module):
-    """Backbone + coarse head + PNA head (the reference's `PNASemanticSegmentor`).
+    """Backbone + coarse head + PNA head (detectron2's `PNASemanticSegmentor`, mmseg's
+    `CascadeEncoderDecoder` with an `FCNHead` then the `PNAHead`).
 
     Attributes:
       backbone: returns res2..res5 (or layer1..layer4, e.g. `deeplab_resnet(...)`).
       coarse_head: a `models.heads` head: features -> P0.
       pna_head: a `PNAHead`.
+      auxiliary_head: None, or mmseg's training-only auxiliary head (a `heads.FCNHead` on
+        res4). Its logits are NOT returned: in training they are sown into the
+        'intermediates' collection as 'aux_logits' (read them with
+        `mutable=['intermediates']`; the train step adds their loss); at inference the head
+        is not run (its parameters exist so that mmseg checkpoints convert whole).
       pixel_mean, pixel_std: per-channel normalisation of RGB [0, 255] images.
       size_divisibility: zero-pad the normalised image at the bottom/right to a multiple of
         this (the reference: 32 for FPN backbones, 0 = none for plain ResNets).
@@ -262,6 +271,7 @@ class PNASegmentor(nn.Module):
     backbone: nn.Module
     coarse_head: nn.Module
     pna_head: nn.Module
+    auxiliary_head: nn.Module | None = None
     pixel_mean: Sequence[float] = PIXEL_MEAN
     pixel_std: Sequence[float] = PIXEL_STD
     size_divisibility: int = 0
@@ -278,6 +288,10 @@ class PNASegmentor(nn.Module):
         x = pad_to_divisibility(x, self.size_divisibility)
         features = res_features(self.backbone(x, train=train and not self.freeze_backbone_bn))
         coarse = self.coarse_head(features, train=train)
+        if self.auxiliary_head is not None and (train or self.is_initializing()):
+            aux = self.auxiliary_head(features, train=train)
+            if train:
+                self.sow("intermediates", "aux_logits", aux)
         return [coarse, *self.pna_head(coarse, features, train=train)]
 
 
@@ -296,31 +310,89 @@ def pad_to_divisibility(x: Array, divisibility: int, value: float | int = 0) -> 
     return jnp.pad(x, pad, constant_values=value)
 
 
+OUTPUT_MODES = ("detectron2", "mmseg")
+
+
 def final_logits(
-    stage_logits: Array, image_size: tuple[int, int], common_stride: int = 4
+    stage_logits: Array, image_size: tuple[int, int], common_stride: int = 4,
+    mode: str = "detectron2",
 ) -> Array:
-    """The reference's inference output: upsample the last stage by `common_stride`
-    (bilinear, align_corners=False) and crop the padding away -> [B, H, W, K]."""
+    """The reference's inference output [B, H, W, K] from the last stage's logits.
+
+    mode 'detectron2' (`PNASemSegHead`): upsample by `common_stride` (bilinear,
+    align_corners=False), then crop the padding away. mode 'mmseg'
+    (`CascadeEncoderDecoder.encode_decode`): resize straight to `image_size` (bilinear,
+    align_corners=False) — different numbers unless the image size is a multiple of 4.
+    """
+    if mode not in OUTPUT_MODES:
+        raise ValueError(f"mode must be one of {OUTPUT_MODES}, got {mode!r}")
+    if mode == "mmseg":
+        return resize_bilinear(stage_logits, tuple(image_size), False)
     h, w = stage_logits.shape[1:3]
     up = resize_bilinear(stage_logits, (h * common_stride, w * common_stride), False)
     return up[:, : image_size[0], : image_size[1]]
 
 
-# Official settings per coarse head: backbone output stride, res5 multi-grid, input padding
-# and PNA window (detectron2 configs for 'deeplabv3' / 'semantic_fpn'; the paper's mmseg
-# configs for 'fcn' (d32) and 'psp' (d16), built here on the detectron2-style ResNet).
+# Official settings per coarse head: backbone output stride, res5 multi-grid (detectron2
+# ResNet only), input padding and PNA window. detectron2 configs: 'deeplabv3' (ASPP of
+# detectron2), 'semantic_fpn'; the paper's mmseg configs: 'fcn' (d32), 'psp' (d16),
+# 'aspp' (mmseg's ASPPHead, d16).
 VARIANTS = {
     "deeplabv3": dict(output_stride=16, multi_grid=(1, 2, 4), size_divisibility=0, window=9),
     "semantic_fpn": dict(output_stride=32, multi_grid=(1, 2, 4), size_divisibility=32, window=7),
     "fcn": dict(output_stride=32, multi_grid=None, size_divisibility=0, window=9),
     "psp": dict(output_stride=16, multi_grid=None, size_divisibility=0, window=9),
+    "aspp": dict(output_stride=16, multi_grid=None, size_divisibility=0, window=9),
 }
+BACKBONES = ("resnet", "resnet_v1c", "swin_t", "swin_b")
+PNA_HEADS = ("detectron2", "mmseg")
+
+
+def _build_backbone(
+    backbone: str, depth: int, width: int, stem: str, variant: Mapping[str, Any],
+    backbone_kwargs: Mapping[str, Any], axis_name: str | None, dtype: Any,
+) -> nn.Module:
+    """The backbone of `build_pna` (see there)."""
+    kw = dict(backbone_kwargs, axis_name=axis_name, dtype=dtype)
+    if backbone == "resnet":
+        return deeplab_resnet(depth, width=width, stem=stem, output_stride=variant["output_stride"],
+                              multi_grid=variant["multi_grid"], **kw)
+    if backbone == "resnet_v1c":
+        return resnet_v1c(depth, width=width, output_stride=variant["output_stride"], **kw)
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+
+
+def _build_coarse_head(
+    coarse_head: str, num_classes: int, pool_kernel_size: tuple[int, int] | None,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    if coarse_head == "deeplabv3":
+        return DeepLabV3Head(num_classes, pool_kernel_size=pool_kernel_size, **kwargs)
+    if coarse_head == "aspp":
+        return ASPPHead(num_classes, **kwargs)
+    if coarse_head == "semantic_fpn":
+        return SemanticFPNHead(num_classes, **kwargs)
+    if coarse_head == "fcn":
+        return FCNHead(num_classes, **kwargs)
+    return PSPHead(num_classes, **kwargs)
+
+
+def auxiliary_fcn_head(num_classes: int, **kwargs: Any) -> FCNHead:
+    """mmseg's auxiliary head of every PNA config: `FCNHead` on res4 (stride 16 at d16 and
+    d32 alike), one 3x3 conv of 256 channels, no input concat, Dropout2d 0.1; its loss
+    weight (0.4) is `config.loss.aux_weight`. `kwargs` override (e.g. `channels`)."""
+    settings = dict(in_feature="res4", channels=256, num_convs=1, concat_input=False,
+                    dropout=0.1)
+    return FCNHead(num_classes, **{**settings, **kwargs})
 
 
 def build_pna(
     coarse_head: str,
     num_classes: int,
     *,
+    backbone: str = "resnet",
+    pna_head: str = "detectron2",
+    auxiliary_head: bool = False,
     depth: int = 50,
     width: int = 64,
     stem: str = "deeplab",
@@ -330,6 +402,8 @@ def build_pna(
     use_sa: bool = True,
     pool_kernel_size: tuple[int, int] | None = None,
     head_kwargs: Mapping[str, Any] | None = None,
+    aux_head_kwargs: Mapping[str, Any] | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
     freeze_backbone_bn: bool = False,
     axis_name: str | None = None,
     dtype: Any = jnp.float32,
@@ -337,58 +411,63 @@ def build_pna(
     """A `PNASegmentor` with the official settings of one coarse head (see `VARIANTS`).
 
     Args:
-      coarse_head: 'deeplabv3', 'semantic_fpn', 'fcn' or 'psp'.
+      coarse_head: 'deeplabv3' (detectron2's ASPP), 'semantic_fpn', 'fcn', 'psp' or 'aspp'
+        (mmseg's ASPPHead, the paper's VOC / COCO-Stuff DeepLabV3).
       num_classes: classes of every prediction.
-      depth, width, stem: the ResNet (official: 50/101, width 64, 'deeplab' = detectron2's
-        R-52/R-103; depth 18/34 and a smaller width give small CPU models).
+      backbone: 'resnet' (detectron2/torchvision-style ResNet, `deeplab_resnet`),
+        'resnet_v1c' (mmseg's ResNetV1c, `resnet_v1c`: the paper's VOC / COCO-Stuff
+        ResNets), 'swin_t' or 'swin_b' (mmseg's Swin; `depth`, `width`, `stem` unused).
+      pna_head: 'detectron2' (embeddings without bias) or 'mmseg' (with bias).
+      auxiliary_head: add mmseg's training-only auxiliary FCN on res4
+        (`auxiliary_fcn_head`, sown as 'aux_logits' in training).
+      depth, width, stem: the ResNet (official: 50/101, width 64; stem 'deeplab' =
+        detectron2's R-52/R-103, ResNetV1c always has its own deep stem; depth 18/34 and a
+        smaller width give small CPU models).
       embed_dims: PNA widths D for res2..res5 (official 96/192/384/768; multiples of 32,
         since every stage has D // 32 heads).
-      window_sizes: PNA windows (default: 9 for DeepLabV3/FCN/PSP, 7 for Semantic FPN).
+      window_sizes: PNA windows (default: 7 for Semantic FPN, 9 otherwise).
       upsample_mode: 'nearest' (default) or 'bilinear' (the Trans10k config).
       use_sa: self-aggregation module on.
       pool_kernel_size: DeepLabV3's ASPP image pooling; None = global. The official
         Cityscapes DeepLabV3 models need (32, 64) (crop 512x1024 / output stride 16).
       head_kwargs: extra constructor arguments of the coarse head (e.g. FCN's `channels`,
         `num_convs`; DeepLabV3's `aspp_channels`); None = the official widths.
+      aux_head_kwargs: overrides of the auxiliary head's arguments (e.g. `channels`).
+      backbone_kwargs: extra arguments of the backbone factory (e.g. a ResNet's
+        `stage_sizes`, a Swin's widths and depths) for small test models.
       freeze_backbone_bn: FrozenBN backbone.
       axis_name: SyncBN axis.
       dtype: computation dtype (parameters stay float32).
     """
     if coarse_head not in VARIANTS:
         raise ValueError(f"coarse_head must be one of {sorted(VARIANTS)}, got {coarse_head!r}")
+    if pna_head not in PNA_HEADS:
+        raise ValueError(f"pna_head must be one of {PNA_HEADS}, got {pna_head!r}")
     if any(d % 32 for d in embed_dims):
         raise ValueError(f"embed_dims must be multiples of 32 (D // 32 heads), got {embed_dims}")
     v = VARIANTS[coarse_head]
-    backbone = deeplab_resnet(
-        depth,
-        width=width,
-        stem=stem,
-        output_stride=v["output_stride"],
-        multi_grid=v["multi_grid"],
-        axis_name=axis_name,
-        dtype=dtype,
-    )
+    net = _build_backbone(backbone, depth, width, stem, v, backbone_kwargs or {}, axis_name,
+                          dtype)
     kwargs = dict(head_kwargs or {}, axis_name=axis_name, dtype=dtype)
-    if coarse_head == "deeplabv3":
-        head = DeepLabV3Head(num_classes, pool_kernel_size=pool_kernel_size, **kwargs)
-    elif coarse_head == "semantic_fpn":
-        head = SemanticFPNHead(num_classes, **kwargs)
-    elif coarse_head == "fcn":
-        head = FCNHead(num_classes, **kwargs)
-    else:
-        head = PSPHead(num_classes, **kwargs)
+    head = _build_coarse_head(coarse_head, num_classes, pool_kernel_size, kwargs)
+    aux = None
+    if auxiliary_head:
+        aux = auxiliary_fcn_head(num_classes, **dict(aux_head_kwargs or {}, axis_name=axis_name,
+                                                     dtype=dtype))
     pna = PNAHead(
         num_classes,
         embed_dims=tuple(embed_dims),
         window_sizes=tuple(window_sizes or (v["window"],) * 4),
         upsample_mode=upsample_mode,
         use_sa=use_sa,
+        embed_bias=pna_head == "mmseg",
         dtype=dtype,
     )
     return PNASegmentor(
-        backbone,
+        net,
         head,
         pna,
+        aux,
         size_divisibility=v["size_divisibility"],
         freeze_backbone_bn=freeze_backbone_bn,
     )

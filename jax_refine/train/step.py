@@ -195,20 +195,29 @@ def pna_train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on batch {'image' [B,H,W,3] RGB in [0, 255], 'label' int32 [B,H,W]}.
 
-    `loss_kwargs` go to `losses.pna_loss` (loss types, weights). Labels are padded with the
-    ignore label to the model's size divisibility, as the reference pads its targets.
-    Returns the new state and scalar metrics (loss, loss_p0..p4 unweighted, lr, grad_norm).
+    `loss_kwargs` go to `losses.pna_loss` (loss types, weights, `aux_weight`). Labels are
+    padded with the ignore label to the model's size divisibility, as the reference pads its
+    targets. With `aux_weight` > 0 the auxiliary head's logits, which the model sows into
+    'intermediates' in training, get their loss term.
+    Returns the new state and scalar metrics (loss, loss_p0..p4[, loss_aux] unweighted, lr,
+    grad_norm).
     """
     image = batch["image"]  # the model's modules cast to their computation dtype
     labels = pad_to_divisibility(batch["label"], model.size_divisibility, losses.IGNORE_LABEL)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
+    loss_kwargs = dict(loss_kwargs or {})
+    if loss_kwargs.get("aux_weight") and model.auxiliary_head is None:
+        raise ValueError("loss.aux_weight is set but the model has no auxiliary head "
+                         "(set model.auxiliary_head=True)")
 
     def loss_fn(params):
         stage_logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, image,
-            train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+            train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats", "intermediates"],
         )
-        total, terms = losses.pna_loss(stage_logits, labels, **(loss_kwargs or {}))
+        aux = updates.get("intermediates", {}).get("aux_logits")
+        total, terms = losses.pna_loss(stage_logits, labels,
+                                       aux_logits=None if aux is None else aux[0], **loss_kwargs)
         return total, (terms, updates["batch_stats"])
 
     return update(state, loss_fn, tx, schedule)
