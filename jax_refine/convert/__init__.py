@@ -19,6 +19,7 @@ from jax_refine.convert.common import (
 )
 from jax_refine.convert.crm import crm_variables
 from jax_refine.convert.detectron2 import resnet_from_detectron2, unwrap_checkpoint
+from jax_refine.convert.mmseg import resnet_from_mmseg
 from jax_refine.convert.pna import (
     coarse_head_variables,
     pna_config,
@@ -39,6 +40,7 @@ __all__ = [
     "crm_variables",
     "resnet_from_torchvision",
     "resnet_from_detectron2",
+    "resnet_from_mmseg",
     "unwrap_checkpoint",
     "coarse_head_variables",
     "pna_config",
