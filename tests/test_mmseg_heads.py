@@ -89,7 +89,8 @@ def test_mmseg_pna_head_parity():
     """mmseg's PNAHead (embeddings with bias, stages pna0..pna3) at odd feature sizes."""
     dims, chans = (32, 32, 64, 64), (8, 16, 24, 32)
     sizes = [(17, 15), (9, 8), (5, 4), (3, 2)]
-    feats = [rand((1, *s, c), seed=10 + i) for i, (s, c) in enumerate(zip(sizes, chans))]
+    feats = [rand((1, *s, c), seed=10 + i)
+             for i, (s, c) in enumerate(zip(sizes, chans, strict=True))]
     coarse = rand((1, 3, 2, K), seed=20)
     mirror = pna_layers.randomize_(mm.PNAHead(chans, K, dims, (3, 5, 3, 3)), seed=8).eval()
     with torch.no_grad():
