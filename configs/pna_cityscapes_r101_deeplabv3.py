@@ -3,7 +3,7 @@ pna_deeplab_v3_R_103_os16_poly_90k_bs16.yaml`): detectron2 "R-103" (ResNet-101, 
 stem, output stride 16, res5 multi-grid 1-2-4), DeepLabV3 coarse head (ASPP 6/12/18, image
 pooling 32x64 for 512x1024 crops), PNA head window 9; 19 classes (train ids, 255 = ignore);
 512x1024 crops at scale [0.5, 2], batch 16, 90k steps; hard-pixel mining (top 20%) for P0
-and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_voc_r50_fcn.py.
+and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_detectron2_base.py.
 
     python train.py --config configs/pna_cityscapes_r101_deeplabv3.py --workdir runs/pna_cs \
       --config.dataset.data_dir=/data/tfds \
@@ -30,7 +30,7 @@ CITYSCAPES_CLASSES = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(Path(__file__).with_name("pna_voc_r50_fcn.py"))
+    config = load_config_file(Path(__file__).with_name("pna_detectron2_base.py"))
     config.model.coarse_head = "deeplabv3"
     config.model.num_classes = 19
     config.model.depth = 101

@@ -2,7 +2,7 @@
 pna_fpn_R_103_poly_90k_bs16.yaml`): "R-103" (output stride 32, res5 multi-grid 1-2-4, inputs
 padded to multiples of 32), FPN + SemSegFPNHead coarse head, PNA head window 7; 19 classes;
 512x1024 crops at scale [0.5, 2], batch 16, 90k steps; P0 with hard-pixel mining, P1..P4
-with plain cross-entropy (as the official config). Other fields as pna_voc_r50_fcn.py.
+with plain cross-entropy (as the official config). Other fields as pna_detectron2_base.py.
 
     python train.py --config configs/pna_cityscapes_r101_fpn.py --workdir runs/pna_cs_fpn \
       --config.dataset.data_dir=/data/tfds \

@@ -1,7 +1,7 @@
 """PNA, the official DeepGlobe land-cover setting (`configs/deep_globe/
 pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; 508x508 crops of the
 2448x2448 images resized to a short side in [512, 2048] (scale [0.21, 0.84]), batch 16,
-4k steps; hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+4k steps; hard-pixel mining for P0 and P1..P4. Other fields as pna_detectron2_base.py.
 
 Classes: the 6 land-cover classes; the 'unknown' class is ignored (label 255) in training
 and in the mIoU, as the paper reports (the official config trains it as a 7th class). The
@@ -23,7 +23,7 @@ DEEPGLOBE_CLASSES = "urban,agriculture,rangeland,forest,water,barren"
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(Path(__file__).with_name("pna_voc_r50_fcn.py"))
+    config = load_config_file(Path(__file__).with_name("pna_detectron2_base.py"))
     config.model.coarse_head = "semantic_fpn"
     config.model.num_classes = 6
     config.model.window_sizes = (7, 7, 7, 7)

@@ -24,7 +24,7 @@ from jax_refine.train.loop import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(Path(__file__).with_name("pna_voc_r50_fcn.py"))
+    config = load_config_file(Path(__file__).with_name("pna_detectron2_base.py"))
     config.model.num_classes = 5  # background + 4 object classes
     config.model.depth = 18
     config.model.width = 16

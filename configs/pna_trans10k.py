@@ -2,7 +2,7 @@
 "R-52" Semantic FPN, PNA window 7 with BILINEAR upsampling of the previous prediction;
 3 classes (background, things, stuff; the paper's mIoU is over the two transparent
 classes); 512x512 crops at scale [0.5, 2] (short side 256..1024), batch 16, 8k steps;
-hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+hard-pixel mining for P0 and P1..P4. Other fields as pna_detectron2_base.py.
 
     python train.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
       --config.dataset.data_dir=/data/tfds \
@@ -20,7 +20,7 @@ TRANS10K_CLASSES = "background,things,stuff"
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(Path(__file__).with_name("pna_voc_r50_fcn.py"))
+    config = load_config_file(Path(__file__).with_name("pna_detectron2_base.py"))
     config.model.coarse_head = "semantic_fpn"
     config.model.num_classes = 3
     config.model.window_sizes = (7, 7, 7, 7)

@@ -21,7 +21,9 @@ from jax_refine.convert.crm import crm_variables
 from jax_refine.convert.detectron2 import resnet_from_detectron2, unwrap_checkpoint
 from jax_refine.convert.mmseg import resnet_from_mmseg
 from jax_refine.convert.pna import (
+    checkpoint_layout,
     coarse_head_variables,
+    mmseg_pna_variables,
     pna_config,
     pna_head_params,
     pna_variables,
@@ -44,6 +46,8 @@ __all__ = [
     "unwrap_checkpoint",
     "coarse_head_variables",
     "pna_config",
+    "checkpoint_layout",
+    "mmseg_pna_variables",
     "pna_head_params",
     "pna_variables",
     "pna_layer_params",

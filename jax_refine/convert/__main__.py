@@ -12,8 +12,10 @@ write OUT_DIR/variables/ (orbax) first and OUT_DIR/config.json last, atomically.
 `python -m jax_refine.refine --checkpoint OUT_DIR ...`. PNA: the format of
 `jax_refine.models.pna.save_checkpoint`, loadable with `models.pna.load_checkpoint(OUT_DIR)`,
 by `evaluate.py --checkpoint` and as `init_from`. The PNA architecture is read off the
-checkpoint (`convert.pna_config`); output stride and multi-grid follow the official variant
-of its coarse head (`models.pna.VARIANTS`); the ASPP pooling kernel and the upsampling mode,
+checkpoint (`convert.pna_config`: the detectron2 or the mmsegmentation layout, the latter
+with its ResNetV1c backbone, mmseg PNA head and auxiliary head); output stride and
+multi-grid follow the official variant of its coarse head (`models.pna.VARIANTS`); the
+ASPP pooling kernel and the upsampling mode,
 which the checkpoint does not store, come from the flags. torch is imported only to read the
 .pth file.
 """
@@ -63,7 +65,7 @@ def convert_crm(checkpoint: str, out_dir: str) -> None:
 
 
 def convert_pna(checkpoint: str, out_dir: str, settings: dict) -> None:
-    """Official PNA (detectron2) checkpoint -> checkpoint directory of `models.pna`."""
+    """Official PNA checkpoint (detectron2 or mmseg layout) -> checkpoint dir of `models.pna`."""
     import jax.numpy as jnp
 
     from jax_refine.convert.common import read_checkpoint_file
@@ -71,9 +73,7 @@ def convert_pna(checkpoint: str, out_dir: str, settings: dict) -> None:
     from jax_refine.models import pna
 
     state_dict = read_checkpoint_file(checkpoint)
-    found = pna_config(state_dict)
-    kwargs = {k: found[k] for k in ("coarse_head", "num_classes", "depth", "stem",
-                                    "embed_dims", "window_sizes", "use_sa")}
+    kwargs = pna_config(state_dict)  # detectron2 or mmseg layout, read off the keys
     kwargs.update({k: v for k, v in settings.items() if v is not None})
     pna.build_pna(**kwargs)  # fails early on an inconsistent architecture
     # Parameter shapes do not depend on the pooling kernel, which must divide the input.
@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jax_refine.co
     crm = sub.add_parser("crm", help="official CRM checkpoint -> checkpoint directory")
     crm.add_argument("checkpoint", help="the official .pth file (DataParallel keys are fine)")
     crm.add_argument("out_dir", help="output checkpoint directory")
-    pna = sub.add_parser("pna", help="official PNA checkpoint (detectron2) -> checkpoint dir")
+    pna = sub.add_parser("pna", help="official PNA checkpoint (detectron2 or mmseg layout) -> "
+                                     "checkpoint dir")
     pna.add_argument("checkpoint", help="the official .pth file")
     pna.add_argument("out_dir", help="output checkpoint directory")
     pna.add_argument("--upsample-mode", choices=["nearest", "bilinear"], default=None,

@@ -14,14 +14,28 @@ Inside a segmentor checkpoint the backbone sits under 'backbone.'; open-mmlab's 
 weights (`open-mmlab://resnet50_v1c`, `resnet101_v1c`: the `pretrained` of every ResNet PNA
 config) have no prefix, possibly a 'state_dict' wrapper (`read_checkpoint_file` unwraps it)
 and a classifier `fc.*` (ignored).
+
+Heads (mmseg `decode_heads`; every `ConvModule` is `conv` (no bias) + `bn` -> our
+`models.heads.ConvNorm` `conv` + `norm`; `conv_seg` is the 1x1 classifier with bias):
+
+    FCNHead   convs.{i}, conv_cat, conv_seg            -> convs_{i}, conv_cat, conv_seg
+    PSPHead   psp_modules.{i}.1, bottleneck, conv_seg  -> psp_modules_{i}, bottleneck, conv_seg
+    ASPPHead  image_pool.1, aspp_modules.{i}, bottleneck, conv_seg
+                                                       -> image_pool, aspp_modules_{i}, ...
+    (index 0 of `image_pool` / `psp_modules.{i}` is the parameter-free pooling)
+
+mmcv checkpoints hold the state_dict under 'state_dict' next to 'meta' (and 'optimizer');
+`unwrap_mmcv_checkpoint` takes it out.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from jax_refine.convert.common import StateDictReader, strip_module_prefix
+from jax_refine.convert.detectron2 import conv_tree, norm_tree
 from jax_refine.convert.resnet import batch_norm, stages_tree
 
 Tree = dict[str, Any]
@@ -61,3 +75,75 @@ def resnet_from_mmseg(state_dict: Mapping[str, Any], prefix: str = "") -> dict[s
     params, stats = resnet_v1c_tree(reader, "")
     reader.finish()
     return {"params": params, "batch_stats": stats}
+
+
+def unwrap_mmcv_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """An mmcv checkpoint ({'meta', 'state_dict', ...}) or a bare state_dict -> the arrays of
+    the state_dict, without a DataParallel `module.` prefix."""
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        checkpoint = checkpoint["state_dict"]
+    return strip_module_prefix({k: v for k, v in checkpoint.items() if hasattr(v, "shape")})
+
+
+def _conv_module(reader: StateDictReader, key: str) -> tuple[Tree, Tree]:
+    """mmcv ConvModule (`conv` without bias, `bn`) -> ConvNorm (params, stats)."""
+    norm_params, norm_stats = norm_tree(reader, f"{key}.bn")
+    params = {"conv": {"kernel": reader.conv(f"{key}.conv.weight")}, "norm": norm_params}
+    return params, {"norm": norm_stats}
+
+
+def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
+    """mmsegmentation `FCNHead` keys -> `models.heads.FCNHead` tree."""
+    params: Tree = {}
+    stats: Tree = {}
+    convs = sorted({int(m.group(1)) for k in reader.keys()
+                    if (m := re.match(rf"^{re.escape(prefix)}convs\.(\d+)\.conv\.weight$", k))})
+    for i in convs or [0]:
+        params[f"convs_{i}"], stats[f"convs_{i}"] = _conv_module(reader, f"{prefix}convs.{i}")
+    if reader.has(f"{prefix}conv_cat.conv.weight"):
+        params["conv_cat"], stats["conv_cat"] = _conv_module(reader, f"{prefix}conv_cat")
+    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
+    return params, stats
+
+
+def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
+    """mmsegmentation `PSPHead` keys -> `models.heads.PSPHead` tree."""
+    params: Tree = {}
+    stats: Tree = {}
+    scales = sorted({int(m.group(1)) for k in reader.keys()
+                     if (m := re.match(rf"^{re.escape(prefix)}psp_modules\.(\d+)\.1\.", k))})
+    for i in scales or [0]:
+        name = f"psp_modules_{i}"
+        params[name], stats[name] = _conv_module(reader, f"{prefix}psp_modules.{i}.1")
+    params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
+    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
+    return params, stats
+
+
+def aspp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
+    """mmsegmentation `ASPPHead` keys -> `models.heads.ASPPHead` tree (image_pool.1 ->
+    image_pool: index 0 of mmseg's Sequential is the parameter-free pooling)."""
+    params: Tree = {}
+    stats: Tree = {}
+    params["image_pool"], stats["image_pool"] = _conv_module(reader, f"{prefix}image_pool.1")
+    branches = sorted({int(m.group(1)) for k in reader.keys()
+                       if (m := re.match(rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.", k))})
+    for i in branches or [0]:
+        name = f"aspp_modules_{i}"
+        params[name], stats[name] = _conv_module(reader, f"{prefix}aspp_modules.{i}")
+    params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
+    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
+    return params, stats
+
+
+MMSEG_HEAD_TREES = {"fcn": fcn_head_tree, "psp": psp_head_tree, "aspp": aspp_head_tree}
+
+
+def mmseg_head_kind(keys: Any, prefix: str) -> str:
+    """'aspp', 'psp' or 'fcn' from the keys of an mmseg head under `prefix`."""
+    keys = list(keys)
+    for kind, probe in (("aspp", "image_pool."), ("psp", "psp_modules."), ("fcn", "convs.")):
+        if any(k.startswith(prefix + probe) for k in keys):
+            return kind
+    raise ValueError(f"cannot tell the mmseg head under {prefix!r} (no image_pool / "
+                     f"psp_modules / convs keys)")

@@ -1,6 +1,7 @@
-"""Official PNA checkpoints (liutinglt/PNA, detectron2) -> Flax variables of `PNASegmentor`.
+"""Official PNA checkpoints (liutinglt/PNA: detectron2 and mmsegmentation branches) -> Flax
+variables of `PNASegmentor`; `checkpoint_layout` tells the two apart.
 
-Full-model key layout (detectron2 `PNASemanticSegmentor`) -> our tree:
+detectron2 layout (`PNASemanticSegmentor`) -> our tree:
 
     DeepLabV3 variant
     backbone.{stem,res2..res5}.*               -> backbone/...   (convert.detectron2.resnet_tree)
@@ -18,9 +19,15 @@ Full-model key layout (detectron2 `PNASemanticSegmentor`) -> our tree:
                                                         (convert.attention.pna_layer_tree)
     sem_seg_head.pna_head.conv_seg_layers.{f}.*      -> pna_head/conv_seg_layers_{f}/{kernel,bias}
 
-mmsegmentation-named FCN / PSP heads (the reference's mmsegmentation branch; ConvModule =
-`conv` + `bn`): convs.{i} -> convs_{i}, conv_cat -> conv_cat, psp_modules.{i}.1 ->
-psp_modules_{i}, bottleneck -> bottleneck, conv_seg -> conv_seg (`.bn` -> `norm`).
+mmseg layout (`CascadeEncoderDecoder`, mmcv 'state_dict' wrapper) -> our tree:
+
+    backbone.*                 -> backbone/...      (convert.mmseg.resnet_v1c_tree)
+    decode_head.0.*            -> coarse_head/...   (mmseg FCN / PSP / ASPP head, convert.mmseg)
+    decode_head.1.{patch_embeds,value_embeds}.pna{i}.{weight,bias}
+                               -> pna_head/{patch,value}_embeds_res{i+2}/{kernel,bias}
+    decode_head.1.stages.pna{i}.blocks.{j}.* / conv_seg_layers.pna{i}.*
+                               -> pna_head/stages_res{i+2}/blocks_{j}/... / conv_seg_layers_res{i+2}
+    auxiliary_head.*           -> auxiliary_head/... (mmseg FCNHead)
 
 Settings that are not stored in a checkpoint and must come from the config: the output
 stride and multi-grid of the backbone, the ASPP pooling kernel, the upsample mode.
@@ -29,7 +36,7 @@ stride and multi-grid of the backbone, the ASPP pooling kernel, the upsample mod
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jax_refine.convert.attention import pna_layer_tree
@@ -38,67 +45,22 @@ from jax_refine.convert.detectron2 import (
     conv_tree,
     deeplabv3_head_tree,
     fpn_tree,
-    norm_tree,
     resnet_tree,
     sem_seg_fpn_head_tree,
     unwrap_checkpoint,
+)
+from jax_refine.convert.mmseg import (
+    MMSEG_HEAD_TREES,
+    fcn_head_tree,
+    mmseg_head_kind,
+    resnet_v1c_tree,
+    unwrap_mmcv_checkpoint,
 )
 
 Tree = dict[str, Any]
 IGNORE = (r"(^|\.)num_batches_tracked$",)
 COARSE_HEADS = ("deeplabv3", "semantic_fpn", "fcn", "psp", "aspp")
 MMSEG_STAGES = {f"pna{i}": f"res{i + 2}" for i in range(4)}  # mmseg PNAHead stage names
-
-
-def _conv_module(reader: StateDictReader, key: str) -> tuple[Tree, Tree]:
-    """mmcv ConvModule (`conv` without bias, `bn`) -> ConvNorm (params, stats)."""
-    norm_params, norm_stats = norm_tree(reader, f"{key}.bn")
-    params = {"conv": {"kernel": reader.conv(f"{key}.conv.weight")}, "norm": norm_params}
-    return params, {"norm": norm_stats}
-
-
-def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
-    """mmsegmentation `FCNHead` keys -> `models.heads.FCNHead` tree."""
-    params: Tree = {}
-    stats: Tree = {}
-    convs = sorted({int(m.group(1)) for k in reader.keys()
-                    if (m := re.match(rf"^{re.escape(prefix)}convs\.(\d+)\.conv\.weight$", k))})
-    for i in convs or [0]:
-        params[f"convs_{i}"], stats[f"convs_{i}"] = _conv_module(reader, f"{prefix}convs.{i}")
-    if reader.has(f"{prefix}conv_cat.conv.weight"):
-        params["conv_cat"], stats["conv_cat"] = _conv_module(reader, f"{prefix}conv_cat")
-    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
-    return params, stats
-
-
-def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
-    """mmsegmentation `PSPHead` keys -> `models.heads.PSPHead` tree."""
-    params: Tree = {}
-    stats: Tree = {}
-    scales = sorted({int(m.group(1)) for k in reader.keys()
-                     if (m := re.match(rf"^{re.escape(prefix)}psp_modules\.(\d+)\.1\.", k))})
-    for i in scales or [0]:
-        name = f"psp_modules_{i}"
-        params[name], stats[name] = _conv_module(reader, f"{prefix}psp_modules.{i}.1")
-    params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
-    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
-    return params, stats
-
-
-def aspp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
-    """mmsegmentation `ASPPHead` keys -> `models.heads.ASPPHead` tree (image_pool.1 ->
-    image_pool: index 0 of mmseg's Sequential is the parameter-free pooling)."""
-    params: Tree = {}
-    stats: Tree = {}
-    params["image_pool"], stats["image_pool"] = _conv_module(reader, f"{prefix}image_pool.1")
-    branches = sorted({int(m.group(1)) for k in reader.keys()
-                       if (m := re.match(rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.", k))})
-    for i in branches or [0]:
-        name = f"aspp_modules_{i}"
-        params[name], stats[name] = _conv_module(reader, f"{prefix}aspp_modules.{i}")
-    params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
-    params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
-    return params, stats
 
 
 def coarse_head_variables(
@@ -128,8 +90,7 @@ def coarse_head_variables(
         params = {"fpn": fpn_p, "head": head_p}
         stats = {k: v for k, v in (("fpn", fpn_s), ("head", head_s)) if v}
         return {"params": params, "batch_stats": stats}
-    tree = {"deeplabv3": deeplabv3_head_tree, "fcn": fcn_head_tree, "psp": psp_head_tree,
-            "aspp": aspp_head_tree}[kind]
+    tree = {"deeplabv3": deeplabv3_head_tree, **MMSEG_HEAD_TREES}[kind]
     reader = StateDictReader(state_dict, prefix, where="coarse_head_variables", ignore=IGNORE)
     params, stats = tree(reader)
     reader.finish()
@@ -200,13 +161,72 @@ def coarse_head_kind(state_dict: Mapping[str, Any]) -> str:
     raise ValueError("cannot tell the coarse head (neither ASPP nor FPN keys found)")
 
 
-def pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
-    """A full official PNA checkpoint (DeepLabV3 or Semantic FPN variant) ->
-    {'params', 'batch_stats'} of `models.pna.PNASegmentor` (backbone, coarse_head, pna_head).
+MMSEG_PNA = "decode_head.1."  # mmseg CascadeEncoderDecoder: decode_head.0 = coarse head
+
+
+def checkpoint_layout(state_dict: Mapping[str, Any]) -> str:
+    """'mmseg' (the reference's mmsegmentation branch: decode_head.1 = PNAHead) or
+    'detectron2' (sem_seg_head.pna_head) for a full PNA checkpoint (already unwrapped)."""
+    if any(k.startswith(f"{MMSEG_PNA}patch_embeds.") for k in state_dict):
+        return "mmseg"
+    if any(k.startswith("sem_seg_head.pna_head.") for k in state_dict):
+        return "detectron2"
+    raise ValueError("not a PNA checkpoint: neither detectron2 (sem_seg_head.pna_head.*) nor "
+                     f"mmseg (decode_head.1.patch_embeds.*) keys; first keys "
+                     f"{sorted(state_dict)[:5]}")
+
+
+def _unwrap_any(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """detectron2 ('model') or mmcv ('state_dict') checkpoint -> its state_dict."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        return unwrap_mmcv_checkpoint(state_dict)
+    return unwrap_checkpoint(state_dict)
+
+
+def _swin_kind(state_dict: Mapping[str, Any]) -> str | None:
+    """'swin_t' / 'swin_b' for an mmseg Swin backbone (embed 96 / 128), None for a ResNet."""
+    key = "backbone.patch_embed.projection.weight"
+    if key not in state_dict:
+        return None
+    return "swin_b" if state_dict[key].shape[0] >= 128 else "swin_t"
+
+
+def mmseg_pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
+    """A full mmseg PNA checkpoint (`CascadeEncoderDecoder`: backbone.*, decode_head.0.* the
+    coarse FCN / PSP / ASPP head, decode_head.1.* the PNA head, auxiliary_head.* the
+    auxiliary FCN) -> {'params', 'batch_stats'} of `build_pna(..., pna_head='mmseg')`.
 
     Every key must be used: unknown or missing keys raise one `KeyMismatchError` listing them.
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    sd = _unwrap_any(state_dict)
+    if _swin_kind(sd) is not None:
+        raise ValueError("mmseg PNA checkpoint with a Swin backbone: the Swin converter is "
+                         "not available in this build")
+    reader = StateDictReader(sd, where="mmseg_pna_variables", ignore=IGNORE)
+    backbone_p, backbone_s = resnet_v1c_tree(reader, "backbone.")
+    kind = mmseg_head_kind(sd, "decode_head.0.")
+    head_p, head_s = MMSEG_HEAD_TREES[kind](reader, "decode_head.0.")
+    pna = pna_head_tree(reader, MMSEG_PNA)
+    params = {"backbone": backbone_p, "coarse_head": head_p, "pna_head": pna}
+    stats: Tree = {"backbone": backbone_s, "coarse_head": head_s}
+    if any(k.startswith("auxiliary_head.") for k in sd):
+        params["auxiliary_head"], stats["auxiliary_head"] = fcn_head_tree(reader,
+                                                                          "auxiliary_head.")
+    reader.finish()
+    return {"params": params, "batch_stats": stats}
+
+
+def pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
+    """A full official PNA checkpoint -> {'params', 'batch_stats'} of
+    `models.pna.PNASegmentor` (backbone, coarse_head, pna_head[, auxiliary_head]).
+
+    Both references' layouts are read (`checkpoint_layout`): detectron2 (DeepLabV3 or
+    Semantic FPN variant) and mmseg (`mmseg_pna_variables`). Every key must be used: unknown
+    or missing keys raise one `KeyMismatchError` listing them.
+    """
+    state_dict = _unwrap_any(state_dict)
+    if checkpoint_layout(state_dict) == "mmseg":
+        return mmseg_pna_variables(state_dict)
     kind = coarse_head_kind(state_dict)
     reader = StateDictReader(state_dict, where="pna_variables", ignore=IGNORE)
     coarse = "sem_seg_head.coarse_sem_seg_head."
@@ -228,30 +248,88 @@ def pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
     return {"params": params, "batch_stats": stats}
 
 
-def pna_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """What a full checkpoint tells about its model: coarse head kind, ResNet depth, stem,
-    num_classes, embed_dims and window sizes (from the relative-position-bias shapes) and
-    whether the self-aggregation module is present. Output stride, multi-grid, ASPP pooling
-    kernel and upsample mode are NOT stored and must be taken from the config."""
-    sd = unwrap_checkpoint(state_dict)
-    kind = coarse_head_kind(sd)
-    base = "backbone." if kind == "deeplabv3" else "backbone.bottom_up."
-    res4_re = re.compile(rf"^{re.escape(base)}res4\.(\d+)\.")
-    res4 = {m.group(1) for k in sd if (m := res4_re.match(k))}
-    head = "sem_seg_head.pna_head."
-    features = ["res2", "res3", "res4", "res5"]
+def _windows(sd: Mapping[str, Any], head: str, stages: Sequence[str]) -> tuple[int | None, ...]:
+    """PNA windows from the relative-position-bias shapes (2L - 1) of each stage."""
     rpb = [k for k in sd if k.startswith(f"{head}stages.") and k.endswith(".rpb")]
     windows = []
-    for f in features:
+    for f in stages:
         keys = [k for k in rpb if k.startswith(f"{head}stages.{f}.blocks.0.")]
         windows.append((int(sd[keys[0]].shape[-1]) + 1) // 2 if keys else None)
+    return tuple(windows)
+
+
+def _resnet_depth(sd: Mapping[str, Any], res4_prefix: str) -> int:
+    res4_re = re.compile(rf"^{re.escape(res4_prefix)}(\d+)\.")
+    res4 = {m.group(1) for k in sd if (m := res4_re.match(k))}
+    return 50 if len(res4) == 6 else 101 if len(res4) == 23 else len(res4)
+
+
+def _v1c_config(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """depth, width (mmseg stem_channels) and, for a non-standard network, stage_sizes of an
+    mmseg ResNetV1c under 'backbone.'."""
+    sizes = []
+    for i in range(1, 5):
+        block_re = re.compile(rf"^backbone\.layer{i}\.(\d+)\.")
+        sizes.append(len({m.group(1) for k in sd if (m := block_re.match(k))}))
+    bottleneck = "backbone.layer1.0.conv3.weight" in sd
+    official = {(3, 4, 6, 3): 50 if bottleneck else 34, (3, 4, 23, 3): 101, (2, 2, 2, 2): 18}
+    found: dict[str, Any] = {"depth": official.get(tuple(sizes), 50 if bottleneck else 18),
+                             "width": int(sd["backbone.stem.6.weight"].shape[0])}
+    if tuple(sizes) not in official:
+        found["backbone_kwargs"] = {"stage_sizes": tuple(sizes)}
+    return found
+
+
+def _mmseg_widths(sd: Mapping[str, Any], kind: str, auxiliary: bool) -> dict[str, Any]:
+    """Coarse / auxiliary head widths (`channels`) where they differ from the official ones
+    (512 / 256), as `head_kwargs` / `aux_head_kwargs`."""
+    found: dict[str, Any] = {}
+    channels = int(sd["decode_head.0.conv_seg.weight"].shape[1])
+    if channels != 512:
+        found["head_kwargs"] = {"channels": channels}
+    if auxiliary:
+        aux = int(sd["auxiliary_head.conv_seg.weight"].shape[1])
+        if aux != 256:
+            found["aux_head_kwargs"] = {"channels": aux}
+    return found
+
+
+def _head_config(sd: Mapping[str, Any], head: str, stages: Sequence[str]) -> dict[str, Any]:
     predictor = [k for k in sd if k.startswith(f"{head}conv_seg_layers.") and k.endswith("bias")]
     return {
-        "coarse_head": kind,
-        "depth": 50 if len(res4) == 6 else 101 if len(res4) == 23 else len(res4),
-        "stem": "deeplab" if f"{base}stem.conv3.weight" in sd else "torchvision",
         "num_classes": int(sd[predictor[0]].shape[0]) if predictor else None,
-        "embed_dims": tuple(int(sd[f"{head}patch_embeds.{f}.weight"].shape[0]) for f in features),
-        "window_sizes": tuple(windows),
+        "embed_dims": tuple(int(sd[f"{head}patch_embeds.{f}.weight"].shape[0]) for f in stages),
+        "window_sizes": _windows(sd, head, stages),
         "use_sa": any(".atten1." in k for k in sd if k.startswith(f"{head}stages.")),
+    }
+
+
+def pna_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """What a full checkpoint tells about its model, as `build_pna` keyword arguments:
+    coarse head kind, backbone (and ResNet depth, stem), num_classes, embed_dims and window
+    sizes (from the relative-position-bias shapes), whether the self-aggregation module is
+    present; for mmseg checkpoints also pna_head='mmseg' and auxiliary_head. Output stride,
+    multi-grid, ASPP pooling kernel and upsample mode are NOT stored: they follow the
+    variant (`models.pna.VARIANTS`) or must be taken from the config."""
+    sd = _unwrap_any(state_dict)
+    if checkpoint_layout(sd) == "mmseg":
+        swin = _swin_kind(sd)
+        found = {
+            "coarse_head": mmseg_head_kind(sd, "decode_head.0."),
+            "backbone": swin or "resnet_v1c",
+            "pna_head": "mmseg",
+            "auxiliary_head": any(k.startswith("auxiliary_head.") for k in sd),
+            **_head_config(sd, MMSEG_PNA, list(MMSEG_STAGES)),
+        }
+        if swin is None:
+            found.update(_v1c_config(sd))
+        found.update(_mmseg_widths(sd, found["coarse_head"], found["auxiliary_head"]))
+        return found
+    kind = coarse_head_kind(sd)
+    base = "backbone." if kind == "deeplabv3" else "backbone.bottom_up."
+    return {
+        "coarse_head": kind,
+        "depth": _resnet_depth(sd, f"{base}res4."),
+        "stem": "deeplab" if f"{base}stem.conv3.weight" in sd else "torchvision",
+        **_head_config(sd, "sem_seg_head.pna_head.", ["res2", "res3", "res4", "res5"]),
     }

@@ -211,7 +211,8 @@ def load_pna_init_variables(
 
     * a PNA checkpoint directory (`models.pna.save_checkpoint`, e.g. WORKDIR/pna of a run or
       `python -m jax_refine.convert pna`): all weights;
-    * an official PNA checkpoint file (detectron2 keys, `convert.pna_variables`): all weights;
+    * an official PNA checkpoint file (detectron2 or mmseg keys, `convert.pna_variables`):
+      all weights;
     * ImageNet backbone weights, the rest staying as initialised: a detectron2 ResNet file
       (.pkl or .pth, e.g. DeepLab's R-52.pkl / R-103.pkl for the 'deeplab' stem;
       `convert.resnet_from_detectron2`) or a torchvision ResNet state_dict (.pth, for
@@ -232,7 +233,8 @@ def load_pna_init_variables(
     from jax_refine.convert.common import read_checkpoint_file
 
     state_dict = convert.unwrap_checkpoint(read_checkpoint_file(path))
-    if any(k.startswith("sem_seg_head.pna_head.") for k in state_dict):
+    if any(k.startswith(("sem_seg_head.pna_head.", "decode_head.1.patch_embeds."))
+           for k in state_dict):  # a full PNA model: detectron2 or mmseg layout
         variables = convert.pna_variables(state_dict)
         return _replace_variables(params, batch_stats, variables, path)
     if "stem.conv1.weight" in state_dict:

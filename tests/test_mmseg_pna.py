@@ -1,0 +1,77 @@
+"""End to end: an mmseg-layout PNA checkpoint of a torch mirror (ResNetV1c + mmseg coarse head +
+mmseg PNA head + auxiliary FCN) converted by `python -m jax_refine.convert pna` gives the
+mirror's logits (P0..P4 and the mmseg output) at an odd image size; float32, `highest`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jax_refine.convert.__main__ import main as convert_main  # noqa: E402
+from jax_refine.models import pna as pna_lib  # noqa: E402
+from tests.torch_mirrors import detectron2 as d2  # noqa: E402
+from tests.torch_mirrors import mmseg as mm  # noqa: E402
+from tests.torch_mirrors import pna_layers  # noqa: E402
+from tests.torch_mirrors.mmseg_resnet import ResNetV1c  # noqa: E402
+from tests.torch_mirrors.pna import PIXEL_MEAN, PIXEL_STD  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("highest_precision")
+TOL = 1e-4
+K = 4
+WIDTH = 16  # stem / base channels: features 64, 128, 256, 512 (Bottleneck)
+DIMS = (32, 32, 64, 64)
+# mmseg's backbone settings per coarse head (the PNA configs): d32 for FCN, d16 otherwise.
+BACKBONE = {"fcn": ((1, 2, 2, 2), (1, 1, 1, 1)), "aspp": ((1, 2, 2, 1), (1, 1, 1, 2))}
+
+
+def mirror_model(kind: str) -> mm.CascadeSegmentor:
+    strides, dilations = BACKBONE[kind]
+    backbone = ResNetV1c(50, WIDTH, WIDTH, strides, dilations, blocks=(1, 1, 2, 1))
+    chans = [WIDTH * 4 * 2**i for i in range(4)]
+    if kind == "fcn":
+        coarse = mm.FCNHead(K, cin=chans[3], channels=24)
+    else:
+        coarse = mm.ASPPHead(K, cin=chans[3], channels=24)
+    pna = mm.PNAHead(chans, K, DIMS, (3, 5, 3, 3))
+    model = mm.CascadeSegmentor(backbone, coarse, pna, mm.aux_fcn_head(K, chans[2], 16))
+    pna_layers.randomize_(pna, seed=3)
+    d2.randomize(backbone, seed=1)
+    d2.randomize(coarse, seed=2)
+    d2.randomize(model.auxiliary_head, seed=4)
+    calibration = torch.randn(2, 3, 61, 53, generator=torch.Generator().manual_seed(5))
+    d2.calibrate_bn(model, calibration)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["fcn", "aspp"])
+def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
+    mirror = mirror_model(kind)
+    checkpoint = tmp_path / "pna_mmseg.pth"
+    torch.save({"meta": {"iter": 20000}, "state_dict": mirror.state_dict()}, checkpoint)
+    assert convert_main(["pna", str(checkpoint), str(tmp_path / "out")]) == 0
+    model, variables, kwargs = pna_lib.load_checkpoint(tmp_path / "out")
+    assert kwargs["backbone"] == "resnet_v1c" and kwargs["pna_head"] == "mmseg"
+    assert kwargs["coarse_head"] == kind and kwargs["auxiliary_head"]
+    assert "auxiliary_head" in variables["params"]
+
+    image = np.random.default_rng(7).uniform(0, 255, (1, 61, 53, 3)).astype(np.float32)
+    normalised = (image - np.asarray(PIXEL_MEAN)) / np.asarray(PIXEL_STD)
+    with torch.no_grad():
+        want, want_final = mirror(torch.from_numpy(
+            np.ascontiguousarray(normalised.transpose(0, 3, 1, 2), np.float32)))
+
+    @jax.jit
+    def forward(variables, x):
+        outs = model.apply(variables, x)
+        return outs, pna_lib.final_logits(outs[-1], x.shape[1:3], mode="mmseg")
+
+    outs, final = forward(variables, jnp.asarray(image))
+    for got, ref in zip(outs, want, strict=True):
+        ref = ref.numpy().transpose(0, 2, 3, 1)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(final, want_final.numpy().transpose(0, 2, 3, 1), atol=TOL, rtol=0)
