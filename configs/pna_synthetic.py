@@ -10,8 +10,9 @@ stages at strides 32, 16, 8, 4), shrunk for the CPU budget:
 * data: every example a fresh `make_scene` scene with 4 object classes (5 labels with the
   background) rendered at a side in [160, 320], random scale [0.75, 1.5], 128-px crops —
   thin strokes, wires and small objects that a stride-32 prediction cannot place;
-* batch 8, lr 2e-3 (AdamW, poly 0.9), clip norm 1.0 (the paper's 0.01 is for a pretrained
-  backbone; from scratch it would make training far longer), no ImageNet weights;
+* batch 8, lr 2e-3 (AdamW, poly 0.9, no decay on norm layers), clip norm 1.0 (the paper's
+  0.01 is for a pretrained backbone; from scratch it would make training far longer), no
+  ImageNet weights;
 * losses: hard-pixel mining (top 20%) for P0..P4 as the official Cityscapes DeepLabV3 config.
 Evaluation: held-out scenes (seeds 0.. below TRAIN_SCENE_SEED_OFFSET) at 256 px.
 """
@@ -46,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.total_steps = 600
     config.learning_rate = 2e-3
     config.clip_norm = 1.0
+    config.warmup_steps = 0  # no warmup
+    config.warmup_ratio = 1.0
+    config.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
+    config.no_decay_keys = ()
     config.log_every = 10
     config.checkpoint_every = 100
 

@@ -107,7 +107,8 @@ def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
     )
 
 
-def _crm_optimizer(config: ml_collections.ConfigDict):
+def _crm_optimizer(config: ml_collections.ConfigDict, model: Any):
+    del model
     return optim.crm_optimizer(
         config.learning_rate, config.total_steps, tuple(config.lr_boundaries),
         config.lr_decay_factor, config.weight_decay,
@@ -160,11 +161,20 @@ def _pna_augment(config: ml_collections.ConfigDict) -> pipeline.PnaAugment:
     )
 
 
-def _pna_optimizer(config: ml_collections.ConfigDict):
+def _pna_optimizer(config: ml_collections.ConfigDict, model: Any):
+    """`optim.pna_optimizer` of the config. Optional keys (absent = off): warmup_steps,
+    warmup_ratio, weight_decay_norm (None = weight_decay), no_decay_keys."""
+    weight_decay_norm = config.get("weight_decay_norm")
     return optim.pna_optimizer(
         config.learning_rate, config.total_steps, weight_decay=config.weight_decay,
         power=config.lr_power, clip_norm=config.clip_norm,
         backbone_multiplier=config.backbone_multiplier,
+        warmup_steps=config.get("warmup_steps", 0),
+        warmup_ratio=config.get("warmup_ratio", 1e-3),
+        weight_decay_norm=weight_decay_norm,
+        no_decay_keys=tuple(config.get("no_decay_keys", ())),
+        # found when the optimiser is initialised (an abstract trace of the model)
+        norm_paths=functools.partial(optim.norm_layer_paths, model, example_inputs(config)),
     )
 
 
@@ -193,6 +203,7 @@ class Task:
     synthetic_source: Callable[..., pipeline.Loader]  # (config) -> fresh synthetic scenes
     record_kwargs: Callable[..., dict[str, Any]]  # (config) -> RecordSource options
     augment: Callable[..., Any]  # (config) -> the training transform
+    # (config, model) -> (optimizer, schedule)
     optimizer: Callable[..., tuple[optax.GradientTransformation, optax.Schedule]]
     train_step: Callable[..., Callable[..., Any]]  # (config, model, tx, schedule) -> step
     example_inputs: Callable[..., dict[str, jax.ShapeDtypeStruct]]  # (config) -> init shapes
@@ -273,10 +284,11 @@ def build_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment | pi
 
 
 def build_optimizer(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, model: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The task's optimiser recipe with the config's hyperparameters."""
-    return _task(config).optimizer(config)
+    """The task's optimiser recipe with the config's hyperparameters (`model`: the config's
+    model, built here if not given; PNA finds its normalisation layers in it)."""
+    return _task(config).optimizer(config, build_model(config) if model is None else model)
 
 
 def build_train_step(
@@ -446,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = mesh_lib.make_mesh()
     rep = mesh_lib.replicated(mesh)
     model = build_model(config)
-    tx, schedule = build_optimizer(config)
+    tx, schedule = build_optimizer(config, model)
     init = step_lib.jit_init_state(model, tx, example_inputs(config), mesh)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)

@@ -4,17 +4,30 @@ CRM (paper / reference `train.py`): PyTorch `Adam(weight_decay=wd)`, i.e. L2 dec
 the gradient before* Adam's moment scaling (not AdamW), with a piecewise-constant learning
 rate multiplied by `lr_decay_factor` at each boundary.
 
-PNA: AdamW with polynomial decay, global-norm clipping and a smaller learning rate for the
-backbone (`optax.multi_transform` over a parameter label function).
+PNA (`pna_optimizer`): the detectron2 reference's `Trainer.build_optimizer` (PNA repo
+`train_net.py`) and mmseg's AdamW + `paramwise_cfg`, one implementation:
+* full-model gradient clipping as `torch.nn.utils.clip_grad_norm_` (`clip_grad_norm`; 0 = none);
+* AdamW (torch defaults: betas 0.9 / 0.999, eps 1e-8, decoupled decay scaled by the lr);
+* decay per parameter (`decay_labels`): `weight_decay`, or `weight_decay_norm` for the scale and
+  bias of normalisation layers (detectron2's WEIGHT_DECAY_NORM: layers found by their Flax
+  class, `norm_layer_paths`), or 0 for paths containing one of `no_decay_keys` (mmseg's
+  `custom_keys` with decay_mult 0; detectron2's name rule);
+* learning rate `warmup_poly_schedule` (detectron2 WarmupPolyLR, mmcv poly + linear warmup),
+  times `backbone_multiplier` for the parameters under the top-level 'backbone'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
+
+from jax_refine.layers.restormer import RestormerBlock
 
 
 def piecewise_boundaries(total_steps: int, fractions: Sequence[float]) -> list[int]:
@@ -63,6 +76,103 @@ def backbone_label_fn(backbone_keys: Sequence[str] = ("backbone",)) -> Callable[
     return label
 
 
+# Flax classes of normalisation layers (PyTorch's BatchNorm*, SyncBatchNorm, GroupNorm,
+# InstanceNorm*, LayerNorm: the types detectron2's and mmcv's optimiser builders test).
+NORM_TYPES = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm)
+# Norm layers directly inside these modules are custom `nn.Module`s in the reference
+# (Restormer's `WithBias_LayerNorm`), which the type tests do not recognise: they decay as
+# weights there, and so here.
+PLAIN_NORM_PARENTS = (RestormerBlock,)
+
+
+def norm_layer_paths(model: nn.Module, example: dict[str, Any]) -> frozenset[str]:
+    """'/'-joined parameter paths of the model's normalisation layers (`NORM_TYPES`, except
+    those directly inside `PLAIN_NORM_PARENTS`), e.g. 'backbone/stem/bn1'.
+
+    Found by their Flax class during an abstract `model.init` on `example` (the model's
+    positional inputs, shapes only, as `state.create_state` takes them): no compilation,
+    no dependence on how layers are named.
+    """
+    found: set[str] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name == "__call__" and isinstance(module, NORM_TYPES)
+                and not isinstance(module.parent, PLAIN_NORM_PARENTS)):
+            found.add("/".join(module.scope.path))
+        return next_fun(*args, **kwargs)
+
+    def init():
+        inputs = [jnp.zeros(v.shape, v.dtype) for v in example.values()]
+        return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, *inputs,
+                          train=False)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(init)
+    return frozenset(found)
+
+
+NormPaths = Collection[str] | Callable[[], Collection[str]]
+
+
+def decay_labels(no_decay_keys: Sequence[str] = (), norm_paths: NormPaths = ()
+                 ) -> Callable[[Any], Any]:
+    """Params -> labels 'none' (path contains one of `no_decay_keys`), 'norm' (the parameter
+    of a layer in `norm_paths`) or 'decay'; paths are '/'-joined ('pna_head/stages_res2/
+    blocks_0/attn/rpb'). `norm_paths` may be a function (e.g. `norm_layer_paths` bound to the
+    model), called once, when labels are first needed (the optimiser's init)."""
+    no_decay_keys = tuple(no_decay_keys)
+
+    @functools.cache
+    def prefixes() -> tuple[str, ...]:
+        return tuple(p + "/" for p in (norm_paths() if callable(norm_paths) else norm_paths))
+
+    def one(path, _):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if any(key in name for key in no_decay_keys):
+            return "none"
+        return "norm" if name.startswith(prefixes()) else "decay"
+
+    return lambda params: jax.tree_util.tree_map_with_path(one, params)
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """`torch.nn.utils.clip_grad_norm_`: g * min(1, max_norm / (||g|| + 1e-6)), ||g|| the
+    global L2 norm (optax's `clip_by_global_norm` has no 1e-6, which matters when the norm is
+    near max_norm = 0.01)."""
+
+    def update(updates, state, params=None):
+        del params
+        coef = jnp.minimum(max_norm / (optax.tree.norm(updates) + 1e-6), 1.0)
+        return jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def warmup_poly_schedule(
+    learning_rate: float, total_steps: int, power: float = 0.9, warmup_steps: int = 0,
+    warmup_ratio: float = 1e-3,
+) -> optax.Schedule:
+    """lr_k = learning_rate * w_k * (1 - k / total_steps) ** power, with the linear warmup
+    w_k = warmup_ratio + (1 - warmup_ratio) * k / warmup_steps for k < warmup_steps, else 1.
+
+    This is detectron2's WarmupPolyLR (warmup_factor = warmup_ratio, 'linear', constant_ending
+    0) and mmcv's poly policy with min_lr 0 and warmup='linear' (lr_k = regular_k * (1 - (1 -
+    ratio) * (1 - k / warmup))): the same factor, applied to the decayed rate of step k.
+    """
+    poly = optax.polynomial_schedule(learning_rate, 0.0, power, total_steps)
+    if warmup_steps <= 0:
+        return poly
+
+    def schedule(count):
+        k = jnp.asarray(count, jnp.float32)
+        warm = jnp.where(k < warmup_steps,
+                         warmup_ratio + (1.0 - warmup_ratio) * k / warmup_steps, 1.0)
+        return warm * poly(count)
+
+    return schedule
+
+
 def pna_optimizer(
     learning_rate: float,
     total_steps: int,
@@ -72,28 +182,42 @@ def pna_optimizer(
     clip_norm: float = 0.01,
     backbone_multiplier: float = 0.1,
     label_fn: Callable[[Any], Any] | None = None,
+    warmup_steps: int = 0,
+    warmup_ratio: float = 1e-3,
+    weight_decay_norm: float | None = None,
+    no_decay_keys: Sequence[str] = (),
+    norm_paths: NormPaths = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, head schedule) of the PNA recipe.
+    """(optimizer, head schedule) of the PNA recipe (module docstring).
 
-    Global-norm clipping on the full gradient, then AdamW whose learning rate follows
-    lr * (1 - step / total_steps) ** power; parameters labelled 'backbone' by `label_fn`
-    (default: top-level key 'backbone') use lr * backbone_multiplier.
+    clip_grad_norm(clip_norm) (skipped if 0) -> Adam moments -> + decay * param, the decay
+    chosen by `decay_labels(no_decay_keys, norm_paths)` (weight_decay_norm None: norms decay
+    like weights) -> x -lr_k, lr_k = `warmup_poly_schedule`; parameters labelled 'backbone'
+    by `label_fn` (default: top-level key 'backbone') use lr_k * backbone_multiplier (their
+    decay too, as torch's AdamW scales decay by the group's lr).
     """
-    def poly(lr: float) -> optax.Schedule:
-        return optax.polynomial_schedule(lr, 0.0, power, total_steps)
+    def schedule_for(lr: float) -> optax.Schedule:
+        return warmup_poly_schedule(lr, total_steps, power, warmup_steps, warmup_ratio)
 
-    label_fn = label_fn or backbone_label_fn()
-    schedule = poly(learning_rate)
+    norms_differ = weight_decay_norm is not None and weight_decay_norm != weight_decay
+    labels = decay_labels(no_decay_keys, norm_paths if norms_differ else ())
+
+    def mask(kind: str) -> Callable[[Any], Any]:
+        return lambda params: jax.tree_util.tree_map(lambda label: label == kind, labels(params))
+
+    schedule = schedule_for(learning_rate)
     tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
+        clip_grad_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(weight_decay, mask("decay")),
+        optax.add_decayed_weights(weight_decay_norm or 0.0, mask("norm")),
         optax.multi_transform(
             {
-                "head": optax.adamw(schedule, weight_decay=weight_decay),
-                "backbone": optax.adamw(
-                    poly(learning_rate * backbone_multiplier), weight_decay=weight_decay
-                ),
+                "head": optax.scale_by_learning_rate(schedule),
+                "backbone": optax.scale_by_learning_rate(
+                    schedule_for(learning_rate * backbone_multiplier)),
             },
-            label_fn,
+            label_fn or backbone_label_fn(),
         ),
     )
     return tx, schedule
