@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from quick_compile import quick_jit
 
 torch = pytest.importorskip("torch")
 
@@ -100,7 +101,8 @@ def test_mmseg_pna_head_parity():
     assert params["patch_embeds_res2"]["bias"].shape == (32,)
     model = PNAHead(K, embed_dims=dims, window_sizes=(3, 5, 3, 3), embed_bias=True)
     features = {f"res{i + 2}": jnp.asarray(f) for i, f in enumerate(feats)}
-    got = jax.jit(model.apply)({"params": params}, jnp.asarray(coarse), features)
+    args = ({"params": params}, jnp.asarray(coarse), features)
+    got = quick_jit(model.apply, *args)(*args)
     for g, w in zip(got, want, strict=True):
         assert g.shape == nhwc(w).shape
         assert max_err(g, nhwc(w)) <= TOL

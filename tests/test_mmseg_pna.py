@@ -4,10 +4,10 @@ mirror's logits (P0..P4 and the mmseg output) at an odd image size; float32, `hi
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from quick_compile import quick_jit
 
 torch = pytest.importorskip("torch")
 
@@ -47,7 +47,9 @@ def mirror_model(kind: str) -> mm.CascadeSegmentor:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["fcn", "aspp"])
+# One variant end to end (d16 with contract_dilation, ASPP, auxiliary head); FCN and PSP are
+# checked per module (test_mmseg_heads.py) and through their configs' training steps.
+@pytest.mark.parametrize("kind", ["aspp"])
 def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
     mirror = mirror_model(kind)
     checkpoint = tmp_path / "pna_mmseg.pth"
@@ -64,12 +66,12 @@ def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
         want, want_final = mirror(torch.from_numpy(
             np.ascontiguousarray(normalised.transpose(0, 3, 1, 2), np.float32)))
 
-    @jax.jit
     def forward(variables, x):
         outs = model.apply(variables, x)
         return outs, pna_lib.final_logits(outs[-1], x.shape[1:3], mode="mmseg")
 
-    outs, final = forward(variables, jnp.asarray(image))
+    x = jnp.asarray(image)
+    outs, final = quick_jit(forward, variables, x)(variables, x)
     for got, ref in zip(outs, want, strict=True):
         ref = ref.numpy().transpose(0, 2, 3, 1)
         assert got.shape == ref.shape
