@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jax_refine import convert  # noqa: E402
-from jax_refine.convert.common import KeyMismatchError  # noqa: E402
+from jax_refine.convert.common import KeyMismatchError, recording_sources  # noqa: E402
 from jax_refine.convert.swin import unfold_order  # noqa: E402
 from jax_refine.models.backbones import swin  # noqa: E402
 from tests.torch_mirrors import swin as ts  # noqa: E402
@@ -73,6 +73,27 @@ def test_param_tree_matches_init(case):
     assert tree_shapes(case["params"]) == tree_shapes(init["params"])
     n_torch = sum(p.numel() for p in case["mirror"].parameters())
     assert sum(np.size(a) for a in jax.tree.leaves(case["params"])) == n_torch
+
+
+@pytest.mark.parametrize("factory, count", [(swin.swin_tiny, 27_520_698),
+                                            (swin.swin_base, 86_745_016)])
+def test_official_sizes(factory, count):
+    # mmseg's Swin-T / Swin-B backbones (ImageNet model minus the classifier head).
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(factory().init, jax.random.PRNGKey(0), x)["params"]
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == count
+
+
+def test_no_decay_keys_select_the_same_tensors(case):
+    # mmseg's custom_keys match substrings of torch names; ours match the Flax paths.
+    with recording_sources() as sources:
+        params = convert.swin_variables(case["state_dict"])["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert len(leaves) == 125
+    for path, leaf in leaves:
+        flax_name = "/".join(k.key for k in path)
+        for key in ("norm", "relative_position_bias_table"):
+            assert (key in sources[id(leaf)]) == (key in flax_name), (flax_name, key)
 
 
 def test_every_block_matches_mirror(case):
@@ -153,6 +174,12 @@ def test_converter_layouts(case):
         got[f"norm{i}"] = params[f"norm{i}"]
     jax.tree.map(np.testing.assert_array_equal, got, params)
     assert convert.swin_config(microsoft) == dict(TINY, patch_size=4, in_channels=3)
+    # openmmlab's pretrain files: swin2mmseg's output (mmseg keys, no output norms, `norm.*`).
+    pretrain = convert.swin_from_microsoft(microsoft["model"])
+    assert "stages.0.downsample.reduction.weight" in pretrain and "norm.weight" in pretrain
+    assert convert.swin_layout(pretrain) == "mmseg"
+    jax.tree.map(np.testing.assert_array_equal, convert.swin_variables(pretrain)["params"],
+                 convert.swin_variables(microsoft)["params"])
 
 
 def test_unfold_order_is_swin2mmseg():
@@ -175,12 +202,12 @@ def test_converter_reports_key_mismatch(case):
         convert.swin_variables({"conv1.weight": torch.zeros(1)})
 
 
-def test_drop_path_train_mode():
+def test_drop_path_train_mode(case):
     # Both residual branches of a block are dropped per sample (rate 0.5, scale 2): on a batch
     # of identical samples at most 4 distinct outputs, one of them the input itself.
-    block = swin.SwinBlock(2, 7, shift=True, drop_path_rate=0.5)
-    x = jnp.broadcast_to(jnp.asarray(rand((1, 9, 8, 16), seed=4)), (16, 9, 8, 16))
-    variables = jax.jit(block.init)(jax.random.PRNGKey(0), x)
+    block = swin.SwinBlock(1, 7, shift=True, drop_path_rate=0.5)
+    variables = {"params": case["params"]["stages_0"]["blocks_1"]}
+    x = jnp.broadcast_to(jnp.asarray(rand((1, 9, 8, 32), seed=4)), (16, 9, 8, 32))
     run = jax.jit(lambda rng: block.apply(variables, x, train=True, rngs={"dropout": rng}))
     out = np.asarray(run(jax.random.PRNGKey(1)))
     distinct = np.unique(out.reshape(16, -1).round(5), axis=0)
