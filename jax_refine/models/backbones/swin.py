@@ -119,11 +119,11 @@ def window_partition(x: Array, window: int) -> Array:
     return x.reshape(b, (h // window) * (w // window), window * window, c)
 
 
-def window_merge(windows: Array, height: int, width: int) -> Array:
+def window_merge(windows: Array, window: int, height: int, width: int) -> Array:
     """Inverse of `window_partition`: [B, num_windows, w*w, C] -> [B, height, width, C]."""
-    b, _, n, c = windows.shape
-    w = int(round(n**0.5))
-    x = windows.reshape(b, height // w, width // w, w, w, c).transpose(0, 1, 3, 2, 4, 5)
+    b, _, _, c = windows.shape
+    x = windows.reshape(b, height // window, width // window, window, window, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, height, width, c)
 
 
@@ -198,7 +198,7 @@ class ShiftWindowMSA(nn.Module):
             mask = shift_attention_mask(hp, wp, ws, shift)
         out = WindowMSA(self.num_heads, ws, self.qkv_bias, self.dtype, self.param_dtype,
                         name="w_msa")(window_partition(x, ws), mask)
-        out = window_merge(out, hp, wp)
+        out = window_merge(out, ws, hp, wp)
         if shift:
             out = jnp.roll(out, (shift, shift), axis=(1, 2))
         return out[:, :h, :w]
