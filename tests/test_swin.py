@@ -191,6 +191,27 @@ def test_converter_layouts(case):
                  convert.swin_variables(microsoft)["params"])
 
 
+def test_microsoft_patch_merging_order():
+    # The original PatchMerging (concat of x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2],
+    # x[1::2, 1::2], LayerNorm, Linear) with weights in the original layout computes what
+    # mmseg's Unfold version computes with its own: checks the reordering, not just a cycle.
+    merge = randomize(ts.PatchMerging(8, 16), seed=5)
+    original = _microsoft_state_dict(
+        {f"stages.0.downsample.{k}": v for k, v in merge.state_dict().items()})["model"]
+    x = torch.from_numpy(rand((2, 6 * 5, 8), seed=6))
+    with torch.no_grad():
+        want = merge(x, (6, 5))[0]
+        x = torch.nn.functional.pad(x.view(2, 6, 5, 8), (0, 0, 0, 1))
+        cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
+                         x[:, 1::2, 1::2]], -1).view(2, -1, 32)
+        norm = {k: torch.from_numpy(original[f"layers.0.downsample.norm.{k}"])
+                for k in ("weight", "bias")}
+        got = torch.nn.functional.linear(
+            torch.nn.functional.layer_norm(cat, (32,), norm["weight"], norm["bias"]),
+            torch.from_numpy(original["layers.0.downsample.reduction.weight"]))
+    assert max_err(got.numpy(), want.numpy()) <= TOL
+
+
 def test_unfold_order_is_swin2mmseg():
     # mmseg: x.reshape(O, 4, C)[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(O, 4C).
     w = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 20)
