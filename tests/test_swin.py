@@ -249,3 +249,21 @@ def test_drop_path_train_mode(case):
                                                       jax.random.PRNGKey(3))
     assert set(np.unique(kept).tolist()) <= {0.0, np.float32(1 / 0.75)}
     assert abs(float((kept > 0).mean()) - 0.75) < 0.03
+
+
+def test_training_gradient_lowers_for_accelerators():
+    # Train mode (drop path, shifted windows, PatchMerging) forward + backward exports for GPU
+    # and TPU from this CPU machine (two stages keep the trace short).
+    model = swin.SwinTransformer(32, (2, 2), (1, 2), drop_path_rate=0.2)
+    x = jax.ShapeDtypeStruct((2, *SIZE, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+
+    def loss(p, x, rng):
+        out = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+        return sum(jnp.mean(f**2) for f in out.values())
+
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda", "tpu"])(
+        params, x, rng)
+    assert exported.platforms == ("cuda", "tpu")
+    assert "stablehlo.dot_general" in exported.mlir_module()
