@@ -132,12 +132,18 @@ def test_relative_index_and_shift_mask_conventions():
     # The JAX index (coordinate differences) equals mmseg's double-step/flip construction.
     mirror_index = ts.WindowMSA(8, 1, 7).relative_position_index.numpy()
     np.testing.assert_array_equal(swin.relative_position_index(7), mirror_index)
-    mask = swin.shift_attention_mask(14, 14, 7, 3)  # 2 x 2 windows, each axis cut at 7, 11
-    assert mask.shape == (4, 49, 49)
-    assert (mask[0] == 0).all()  # the first window lies in one region
-    assert set(np.unique(mask[3])) == {0.0, swin.SHIFT_MASK_VALUE}
-    # The last window holds 4 regions of 4x4, 4x3, 3x4 and 3x3 tokens.
-    assert (mask[3] == 0).sum() == 16**2 + 2 * 12**2 + 9**2
+    # The mask equals mmseg's construction: label the 3 x 3 regions of the padded map, split
+    # into windows, -100 where labels differ.
+    h, w, ws, shift = 21, 28, 7, 3
+    labels = np.zeros((h, w))
+    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for i, rows in enumerate(cuts):
+        for j, cols in enumerate(cuts):
+            labels[rows, cols] = 3 * i + j
+    windows = labels.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
+    want = np.where(windows[:, :, None] != windows[:, None, :], -100.0, 0.0)
+    np.testing.assert_array_equal(swin.shift_attention_mask(h, w, ws, shift), want)
+    assert (want[0] == 0).all() and (want[-1] != 0).any()
 
 
 def _microsoft_state_dict(state_dict) -> dict:

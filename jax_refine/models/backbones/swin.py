@@ -97,18 +97,29 @@ def relative_position_index(window: int) -> np.ndarray:
     return dy * (2 * window - 1) + dx
 
 
-def shift_attention_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
+def shift_attention_mask(height: int, width: int, window: int, shift: int) -> Array:
     """mmseg's SW-MSA mask [num_windows, w*w, w*w] for a padded map of height x width rolled
     by -shift: each axis is split into [0, -window), [-window, -shift), [-shift, end), the
-    3 x 3 products are regions, and a (query, key) pair in different regions gets -100."""
-    labels = np.zeros((height, width), np.int64)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for i, rows in enumerate(cuts):
-        for j, cols in enumerate(cuts):
-            labels[rows, cols] = 3 * i + j
-    windows = window_partition(labels[None, :, :, None], window)[0, ..., 0]  # [nW, w*w]
-    different = windows[:, :, None] != windows[:, None, :]
-    return np.where(different, SHIFT_MASK_VALUE, 0.0).astype(np.float32)
+    3 x 3 products are regions, and a (query, key) pair in different regions gets -100.
+
+    Built in the graph from per-axis tables ([windows along the axis, w*w, w*w] booleans: do
+    two tokens of a window lie in different parts of that axis?), so a large map does not
+    embed a [num_windows, w*w, w*w] constant in the program (100 MB at 2048 x 2048).
+    """
+
+    def differs(n: int, tile: bool) -> np.ndarray:
+        part = np.zeros(n, np.int8)
+        part[n - window:] = 1
+        part[n - shift:] = 2
+        part = part.reshape(n // window, window)
+        # Token t of a window sits at row t // w and column t % w.
+        token = np.tile(part, (1, window)) if tile else np.repeat(part, window, axis=1)
+        return token[:, :, None] != token[:, None, :]
+
+    rows, cols = differs(height, tile=False), differs(width, tile=True)
+    different = jnp.asarray(rows)[:, None] | jnp.asarray(cols)[None, :]
+    mask = jnp.where(different, jnp.float32(SHIFT_MASK_VALUE), jnp.float32(0.0))
+    return mask.reshape(-1, window * window, window * window)
 
 
 def window_partition(x: Array, window: int) -> Array:
