@@ -57,13 +57,16 @@ VOC_CLASSES = (
     "background,aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,diningtable,dog,"
     "horse,motorbike,person,pottedplant,sheep,sofa,train,tvmonitor"
 )
-# mmseg's paramwise custom_keys (decay_mult 0) matched, as mmseg does, as substrings of the
-# parameter name. mmseg's 'norm' hits the PNA head's LayerNorms (norm1, norm1_2, norm2,
-# out_norm, the Restormer block's norm1/norm2) but no BatchNorm (mmseg calls those 'bn',
-# stem.1, ...); jax_refine's ConvNorm calls its BatchNorm 'norm', so the ResNet configs name
-# the LayerNorms instead. 'rpb': the neighbourhood attention's relative position bias.
+# mmseg's paramwise custom_keys (decay_mult 0) are substrings of the torch parameter name.
+# mmseg's 'norm' hits every LayerNorm — the PNA head's (norm1, norm1_2, norm2, out_norm, the
+# Restormer block's norm1/norm2) and the Swin's (blocks' norm1/norm2, patch_embed.norm,
+# downsample.norm, the output norm0..3) — but no BatchNorm (mmseg names those 'bn', stem.1,
+# downsample.1). jax_refine's ConvNorm calls its BatchNorm 'norm', so the LayerNorms are named
+# here by the substrings that select exactly them in the '/'-joined Flax paths.
+# 'rpb': the neighbourhood attention's relative position bias.
 MMSEG_NO_DECAY_KEYS = ("absolute_pos_embed", "relative_position_bias_table", "rpb", "norm1",
-                       "norm2", "out_norm")
+                       "norm2", "out_norm", "backbone/norm", "patch_embed/norm",
+                       "downsample/norm")
 
 
 def get_config() -> ml_collections.ConfigDict:

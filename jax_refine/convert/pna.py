@@ -21,7 +21,8 @@ detectron2 layout (`PNASemanticSegmentor`) -> our tree:
 
 mmseg layout (`CascadeEncoderDecoder`, mmcv 'state_dict' wrapper) -> our tree:
 
-    backbone.*                 -> backbone/...      (convert.mmseg.resnet_v1c_tree)
+    backbone.*                 -> backbone/...      (convert.mmseg.resnet_v1c_tree, or
+                                                     convert.swin.swin_params for a Swin)
     decode_head.0.*            -> coarse_head/...   (mmseg FCN / PSP / ASPP head, convert.mmseg)
     decode_head.1.{patch_embeds,value_embeds}.pna{i}.{weight,bias}
                                -> pna_head/{patch,value}_embeds_res{i+2}/{kernel,bias}
@@ -56,6 +57,8 @@ from jax_refine.convert.mmseg import (
     resnet_v1c_tree,
     unwrap_mmcv_checkpoint,
 )
+from jax_refine.convert.swin import swin_config, swin_params
+from jax_refine.models.backbones.swin import SWIN_B, SWIN_T
 
 Tree = dict[str, Any]
 IGNORE = (r"(^|\.)num_batches_tracked$",)
@@ -184,31 +187,47 @@ def _unwrap_any(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _swin_kind(state_dict: Mapping[str, Any]) -> str | None:
-    """'swin_t' / 'swin_b' for an mmseg Swin backbone (embed 96 / 128), None for a ResNet."""
-    key = "backbone.patch_embed.projection.weight"
-    if key not in state_dict:
-        return None
-    return "swin_b" if state_dict[key].shape[0] >= 128 else "swin_t"
+    """'swin' for an mmseg Swin backbone under 'backbone.', None for a ResNet."""
+    return "swin" if "backbone.patch_embed.projection.weight" in state_dict else None
+
+
+def _swin_build(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """build_pna's `backbone` ('swin_t' / 'swin_b') and, for a non-standard network,
+    `backbone_kwargs` (the fields `convert.swin.swin_config` reads off the keys)."""
+    found = swin_config(state_dict)
+    for name, settings in (("swin_t", SWIN_T), ("swin_b", SWIN_B)):
+        if all(found[k] == settings[k] for k in ("embed_dims", "depths", "num_heads",
+                                                 "window_size")):
+            return {"backbone": name}
+    keys = ("embed_dims", "depths", "num_heads", "window_size")
+    return {"backbone": "swin_t", "backbone_kwargs": {k: found[k] for k in keys}}
 
 
 def mmseg_pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
-    """A full mmseg PNA checkpoint (`CascadeEncoderDecoder`: backbone.*, decode_head.0.* the
-    coarse FCN / PSP / ASPP head, decode_head.1.* the PNA head, auxiliary_head.* the
-    auxiliary FCN) -> {'params', 'batch_stats'} of `build_pna(..., pna_head='mmseg')`.
+    """A full mmseg PNA checkpoint (`CascadeEncoderDecoder`: backbone.* a ResNetV1c or a Swin,
+    decode_head.0.* the coarse FCN / PSP / ASPP head, decode_head.1.* the PNA head,
+    auxiliary_head.* the auxiliary FCN) -> {'params', 'batch_stats'} of
+    `build_pna(..., pna_head='mmseg')`.
 
     Every key must be used: unknown or missing keys raise one `KeyMismatchError` listing them.
     """
     sd = _unwrap_any(state_dict)
-    if _swin_kind(sd) is not None:
-        raise ValueError("mmseg PNA checkpoint with a Swin backbone: the Swin converter is "
-                         "not available in this build")
-    reader = StateDictReader(sd, where="mmseg_pna_variables", ignore=IGNORE)
-    backbone_p, backbone_s = resnet_v1c_tree(reader, "backbone.")
+    params: Tree = {}
+    stats: Tree = {}
+    if _swin_kind(sd):
+        backbone = StateDictReader(sd, "backbone.", where="mmseg_pna_variables (Swin)",
+                                   ignore=IGNORE)
+        params["backbone"] = swin_params(backbone)
+        backbone.finish()
+        reader = StateDictReader(sd, where="mmseg_pna_variables",
+                                 ignore=IGNORE + (r"^backbone\.",))
+    else:
+        reader = StateDictReader(sd, where="mmseg_pna_variables", ignore=IGNORE)
+        params["backbone"], stats["backbone"] = resnet_v1c_tree(reader, "backbone.")
     kind = mmseg_head_kind(sd, "decode_head.0.")
-    head_p, head_s = MMSEG_HEAD_TREES[kind](reader, "decode_head.0.")
-    pna = pna_head_tree(reader, MMSEG_PNA)
-    params = {"backbone": backbone_p, "coarse_head": head_p, "pna_head": pna}
-    stats: Tree = {"backbone": backbone_s, "coarse_head": head_s}
+    params["coarse_head"], stats["coarse_head"] = MMSEG_HEAD_TREES[kind](reader,
+                                                                         "decode_head.0.")
+    params["pna_head"] = pna_head_tree(reader, MMSEG_PNA)
     if any(k.startswith("auxiliary_head.") for k in sd):
         params["auxiliary_head"], stats["auxiliary_head"] = fcn_head_tree(reader,
                                                                           "auxiliary_head.")
@@ -313,16 +332,14 @@ def pna_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     variant (`models.pna.VARIANTS`) or must be taken from the config."""
     sd = _unwrap_any(state_dict)
     if checkpoint_layout(sd) == "mmseg":
-        swin = _swin_kind(sd)
         found = {
             "coarse_head": mmseg_head_kind(sd, "decode_head.0."),
-            "backbone": swin or "resnet_v1c",
             "pna_head": "mmseg",
             "auxiliary_head": any(k.startswith("auxiliary_head.") for k in sd),
             **_head_config(sd, MMSEG_PNA, list(MMSEG_STAGES)),
         }
-        if swin is None:
-            found.update(_v1c_config(sd))
+        found.update(_swin_build(sd) if _swin_kind(sd) else
+                     {"backbone": "resnet_v1c", **_v1c_config(sd)})
         found.update(_mmseg_widths(sd, found["coarse_head"], found["auxiliary_head"]))
         return found
     kind = coarse_head_kind(sd)

@@ -55,6 +55,7 @@ from jax_refine.models.backbones.resnet import (
     ResNet50,
     ResNet101,
 )
+from jax_refine.models.backbones.swin import swin_base, swin_tiny
 from jax_refine.models.heads import (
     ASPPHead,
     DeepLabV3Head,
@@ -416,7 +417,8 @@ VARIANTS = {
     "psp": dict(output_stride=16, multi_grid=None, size_divisibility=0, window=9),
     "aspp": dict(output_stride=16, multi_grid=None, size_divisibility=0, window=9),
 }
-BACKBONES = ("resnet", "resnet_v1c", "swin_t", "swin_b")
+SWINS = {"swin_t": swin_tiny, "swin_b": swin_base}
+BACKBONES = ("resnet", "resnet_v1c", *SWINS)
 PNA_HEADS = ("detectron2", "mmseg")
 
 
@@ -425,6 +427,8 @@ def _build_backbone(
     backbone_kwargs: Mapping[str, Any], axis_name: str | None, dtype: Any,
 ) -> nn.Module:
     """The backbone of `build_pna` (see there)."""
+    if backbone in SWINS:  # always output stride 32; LayerNorms, no BatchNorm axis
+        return SWINS[backbone](**backbone_kwargs, dtype=dtype)
     kw = dict(backbone_kwargs, axis_name=axis_name, dtype=dtype)
     if backbone == "resnet":
         return deeplab_resnet(depth, width=width, stem=stem, output_stride=variant["output_stride"],
@@ -488,7 +492,9 @@ def build_pna(
       num_classes: classes of every prediction.
       backbone: 'resnet' (detectron2/torchvision-style ResNet, `deeplab_resnet`),
         'resnet_v1c' (mmseg's ResNetV1c, `resnet_v1c`: the paper's VOC / COCO-Stuff
-        ResNets), 'swin_t' or 'swin_b' (mmseg's Swin; `depth`, `width`, `stem` unused).
+        ResNets), 'swin_t' or 'swin_b' (mmseg's Swin, `backbones.swin.swin_tiny` /
+        `swin_base`, output stride 32 whatever the coarse head; `depth`, `width`, `stem`
+        unused).
       pna_head: 'detectron2' (embeddings without bias) or 'mmseg' (with bias).
       auxiliary_head: add mmseg's training-only auxiliary FCN on res4
         (`auxiliary_fcn_head`, sown as 'aux_logits' in training).
