@@ -20,8 +20,12 @@ from jax_refine.train.state import TrainState
 # shrunk step is another's program with other constants (class count, warmup length) is
 # traced through the same step abstractly (`jax.eval_shape`: model, optimiser, losses and
 # metrics built and shape-checked, no second ~40 s compilation).
-COMPILED = ["pna_voc_r50_fcn", "pna_voc_r101_psp", "pna_voc_r101_deeplabv3"]
-TRACED = {"pna_cocostuff10k_r50_deeplabv3": "pna_voc_r101_deeplabv3"}
+COMPILED = ["pna_voc_r50_fcn", "pna_voc_r101_psp", "pna_voc_r101_deeplabv3", "pna_voc_swin_t"]
+TRACED = {"pna_cocostuff10k_r50_deeplabv3": "pna_voc_r101_deeplabv3",
+          "pna_voc_swin_b": "pna_voc_swin_t"}
+# A small Swin keeps its structure: shifted blocks (2 per stage), window 7, patch 4.
+SMALL_SWIN = {"model.backbone_kwargs": {"embed_dims": 32, "depths": (2, 2, 2, 2),
+                                        "num_heads": (1, 2, 4, 8)}}
 SMALL = {
     "model.width": 8,
     "model.backbone_kwargs": {"stage_sizes": (1, 1, 1, 1)},
@@ -50,6 +54,10 @@ def test_reference_settings():
     psp, aspp = load_config("pna_voc_r101_psp"), load_config("pna_voc_r101_deeplabv3")
     assert (psp.model.coarse_head, psp.model.depth) == ("psp", 101)
     assert (aspp.model.coarse_head, aspp.model.depth) == ("aspp", 101)
+    for name, backbone in (("pna_voc_swin_t", "swin_t"), ("pna_voc_swin_b", "swin_b")):
+        swin = load_config(name)
+        assert (swin.model.backbone, swin.model.coarse_head) == (backbone, "psp")
+        assert (swin.learning_rate, swin.weight_decay, swin.lr_power) == (6e-5, 0.01, 1.0)
     coco = load_config("pna_cocostuff10k_r50_deeplabv3")
     assert (coco.model.coarse_head, coco.model.num_classes, coco.model.depth) == ("aspp", 171, 50)
     assert (coco.total_steps, coco.warmup_steps) == (40_000, 400)
@@ -69,10 +77,16 @@ def _batch(config, seed: int) -> dict[str, np.ndarray]:
     return {"image": rng.uniform(0, 255, (b, h, w, 3)).astype(np.float32), "label": labels}
 
 
-def random_state(model, tx, crop) -> TrainState:
-    """A TrainState of random variables of the model's shapes (no init program to compile)."""
+def random_state(model, tx, crop, abstract: bool = False) -> TrainState:
+    """A TrainState of random variables of the model's shapes (no init program to compile);
+    `abstract`: shapes only."""
     image = jax.ShapeDtypeStruct((1, *crop, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
+    if abstract:
+        return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes["params"],
+                          batch_stats=shapes["batch_stats"],
+                          opt_state=jax.eval_shape(tx.init, shapes["params"]),
+                          rng=jax.eval_shape(jax.random.PRNGKey, 1))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
         lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape) + 0.5, s.dtype), shapes)
@@ -82,11 +96,13 @@ def random_state(model, tx, crop) -> TrainState:
                       opt_state=quick_jit(tx.init, params)(params), rng=jax.random.PRNGKey(1))
 
 
-def _step(name: str):
+def _step(name: str, abstract: bool = False):
     config = with_overrides(load_config(name), SMALL)
+    if config.model.backbone.startswith("swin"):
+        config = with_overrides(config, SMALL_SWIN)
     model = loop.build_model(config)
     tx, schedule = loop.build_optimizer(config, model)
-    state = random_state(model, tx, config.crop_size)
+    state = random_state(model, tx, config.crop_size, abstract)
     assert "auxiliary_head" in state.params
     return config, state, _batch(config, 0), loop.build_train_step(config, model, tx, schedule)
 
@@ -111,10 +127,40 @@ def test_config_runs_one_training_step(name):
 
 @pytest.mark.parametrize("name", sorted(TRACED))
 def test_config_traces_one_training_step(name):
-    config, state, batch, step = _step(name)
+    config, state, batch, step = _step(name, abstract=True)
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.map(lambda a: a.shape, new_state.params) == jax.tree.map(
         lambda a: a.shape, state.params)
     assert new_state.params["coarse_head"]["conv_seg"]["bias"].shape == (
         config.model.num_classes,)
     assert set(metrics) >= {"loss", "loss_p0", "loss_p4", "loss_aux", "lr", "grad_norm"}
+
+
+def test_no_decay_keys_select_what_mmseg_custom_keys_select():
+    """mmseg's custom_keys ('norm', 'rpb', 'relative_position_bias_table', ...) match
+    LayerNorms and position biases by name but no BatchNorm (named 'bn' there); the configs'
+    no_decay_keys select the same parameters of our trees (ConvNorm's BatchNorm is 'norm')."""
+    from jax_refine.train import optim
+
+    for name, extra in (("pna_voc_r50_fcn", {}), ("pna_voc_swin_t", SMALL_SWIN)):
+        config = with_overrides(with_overrides(load_config(name), SMALL), extra)
+        model = loop.build_model(config)
+        image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+        params = jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x), image)
+        labels = optim.decay_labels(config.no_decay_keys)(params["params"])
+        batch_norms = _module_paths(params["batch_stats"])  # layers with running statistics
+        assert batch_norms
+        for path, label in _flat(labels).items():
+            module = path.rsplit("/", 1)[0]
+            bias_table = path.endswith(("/rpb", "relative_position_bias_table"))
+            layer_norm = module not in batch_norms and "norm" in module.rsplit("/", 1)[-1]
+            assert (label == "none") == (bias_table or layer_norm), (name, path, label)
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): v
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _module_paths(tree) -> set[str]:
+    return {path.rsplit("/", 1)[0] for path in _flat(tree)}

@@ -16,6 +16,7 @@ from jax_refine.models import pna as pna_lib  # noqa: E402
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 from tests.torch_mirrors import mmseg as mm  # noqa: E402
 from tests.torch_mirrors import pna_layers  # noqa: E402
+from tests.torch_mirrors import swin as ts  # noqa: E402
 from tests.torch_mirrors.mmseg_resnet import ResNetV1c  # noqa: E402
 from tests.torch_mirrors.pna import PIXEL_MEAN, PIXEL_STD  # noqa: E402
 
@@ -29,11 +30,17 @@ BACKBONE = {"fcn": ((1, 2, 2, 2), (1, 1, 1, 1)), "aspp": ((1, 2, 2, 1), (1, 1, 1
 
 
 def mirror_model(kind: str) -> mm.CascadeSegmentor:
-    strides, dilations = BACKBONE[kind]
-    backbone = ResNetV1c(50, WIDTH, WIDTH, strides, dilations, blocks=(1, 1, 2, 1))
-    chans = [WIDTH * 4 * 2**i for i in range(4)]
+    if kind == "swin_psp":  # a small Swin: shifted blocks, window 7, 32..256 channels
+        backbone = ts.SwinTransformer(32, (2, 2, 2, 2), (1, 2, 4, 8), window_size=7)
+        chans = [32 * 2**i for i in range(4)]
+    else:
+        strides, dilations = BACKBONE[kind]
+        backbone = ResNetV1c(50, WIDTH, WIDTH, strides, dilations, blocks=(1, 1, 2, 1))
+        chans = [WIDTH * 4 * 2**i for i in range(4)]
     if kind == "fcn":
         coarse = mm.FCNHead(K, cin=chans[3], channels=24)
+    elif kind == "swin_psp":
+        coarse = mm.PSPHead(K, cin=chans[3], channels=24)
     else:
         coarse = mm.ASPPHead(K, cin=chans[3], channels=24)
     pna = mm.PNAHead(chans, K, DIMS, (3, 5, 3, 3))
@@ -47,17 +54,18 @@ def mirror_model(kind: str) -> mm.CascadeSegmentor:
     return model.eval()
 
 
-# One variant end to end (d16 with contract_dilation, ASPP, auxiliary head); FCN and PSP are
-# checked per module (test_mmseg_heads.py) and through their configs' training steps.
-@pytest.mark.parametrize("kind", ["aspp"])
+# One ResNet variant end to end (d16 with contract_dilation, ASPP, auxiliary head) and the
+# Swin one (PSP); FCN is checked per module (test_mmseg_heads.py) and through its config.
+@pytest.mark.parametrize("kind", ["aspp", "swin_psp"])
 def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
     mirror = mirror_model(kind)
     checkpoint = tmp_path / "pna_mmseg.pth"
     torch.save({"meta": {"iter": 20000}, "state_dict": mirror.state_dict()}, checkpoint)
     assert convert_main(["pna", str(checkpoint), str(tmp_path / "out")]) == 0
     model, variables, kwargs = pna_lib.load_checkpoint(tmp_path / "out")
-    assert kwargs["backbone"] == "resnet_v1c" and kwargs["pna_head"] == "mmseg"
-    assert kwargs["coarse_head"] == kind and kwargs["auxiliary_head"]
+    backbone, coarse = ("swin_t", "psp") if kind == "swin_psp" else ("resnet_v1c", kind)
+    assert (kwargs["backbone"], kwargs["coarse_head"]) == (backbone, coarse)
+    assert kwargs["pna_head"] == "mmseg" and kwargs["auxiliary_head"]
     assert "auxiliary_head" in variables["params"]
 
     image = np.random.default_rng(7).uniform(0, 255, (1, 61, 53, 3)).astype(np.float32)

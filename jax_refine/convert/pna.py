@@ -57,6 +57,7 @@ from jax_refine.convert.mmseg import (
     resnet_v1c_tree,
     unwrap_mmcv_checkpoint,
 )
+from jax_refine.convert.swin import IGNORE as SWIN_IGNORE
 from jax_refine.convert.swin import swin_config, swin_params
 from jax_refine.models.backbones.swin import SWIN_B, SWIN_T
 
@@ -216,7 +217,7 @@ def mmseg_pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
     stats: Tree = {}
     if _swin_kind(sd):
         backbone = StateDictReader(sd, "backbone.", where="mmseg_pna_variables (Swin)",
-                                   ignore=IGNORE)
+                                   ignore=SWIN_IGNORE)
         params["backbone"] = swin_params(backbone)
         backbone.finish()
         reader = StateDictReader(sd, where="mmseg_pna_variables",

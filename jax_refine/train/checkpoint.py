@@ -196,7 +196,9 @@ def _replace_variables(
     trees, or only of their subtree `backbone`."""
     out = []
     for tree, key in ((params, "params"), (batch_stats, "batch_stats")):
-        if backbone is None:
+        if backbone is not None and not new.get(key) and backbone not in tree:
+            out.append(tree)  # e.g. a Swin backbone: no batch statistics on either side
+        elif backbone is None:
             out.append(_replace_subtree(tree, new[key], f"{path} {key}"))
         else:
             out.append(dict(tree, **{backbone: _replace_subtree(
@@ -217,8 +219,9 @@ def load_pna_init_variables(
       (.pkl or .pth, e.g. DeepLab's R-52.pkl / R-103.pkl for the 'deeplab' stem;
       `convert.resnet_from_detectron2`), open-mmlab's ResNetV1c weights (.pth with
       'stem.0.weight', e.g. resnet50_v1c / resnet101_v1c for `models.pna.resnet_v1c`;
-      `convert.resnet_from_mmseg`) or a torchvision ResNet state_dict (.pth, for
-      stem='torchvision'; `convert.resnet_from_torchvision`).
+      `convert.resnet_from_mmseg`), a torchvision ResNet state_dict (.pth, for
+      stem='torchvision'; `convert.resnet_from_torchvision`) or Swin ImageNet weights
+      (mmseg's or Microsoft's layout, `convert.swin_variables`).
     Keys and shapes must match the model (ValueError otherwise, naming the file and listing
     the missing and unexpected keys).
     """
@@ -244,11 +247,13 @@ def load_pna_init_variables(
         "stem.conv1.weight": convert.resnet_from_detectron2,
         "stem.0.weight": convert.resnet_from_mmseg,
         "conv1.weight": lambda sd: convert.resnet_from_torchvision(sd, in_channels=3),
+        "patch_embed.projection.weight": convert.swin_variables,  # mmseg's Swin pretrain
+        "patch_embed.proj.weight": convert.swin_variables,  # Microsoft's Swin ImageNet
     }
     layout = next((key for key in converters if key in state_dict), None)
     if layout is None:
         raise ValueError(f"init_from: {path} is neither a PNA checkpoint nor detectron2 / "
-                         f"mmseg / torchvision ResNet weights "
+                         f"mmseg / torchvision ResNet or Swin weights "
                          f"(first keys: {sorted(state_dict)[:5]})")
     try:
         tree = converters[layout](state_dict)
