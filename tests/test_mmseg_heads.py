@@ -106,3 +106,31 @@ def test_mmseg_pna_head_parity():
     for g, w in zip(got, want, strict=True):
         assert g.shape == nhwc(w).shape
         assert max_err(g, nhwc(w)) <= TOL
+
+
+def test_pna_loss_is_mmsegs_with_the_auxiliary_term():
+    """mmseg: each head's logits resized to the label size (bilinear, align_corners=False),
+    CrossEntropyLoss(ignore_index=255, avg_non_ignore=False) = mean over ALL pixels, weights
+    1.0 (P0), 0.1 (P1..), 0.4 (auxiliary)."""
+    from jax_refine import losses
+
+    labels = np.random.default_rng(0).integers(0, K, (2, 17, 13))
+    labels[0, :5] = 255
+    logits = [rand((2, 3, 2, K), seed=1), rand((2, 5, 4, K), seed=2), rand((2, 17, 13, K), seed=3)]
+    aux = rand((2, 3, 2, K), seed=4)
+
+    def mmseg_ce(x):
+        up = torch.nn.functional.interpolate(nchw(x), size=(17, 13), mode="bilinear",
+                                             align_corners=False)
+        loss = torch.nn.functional.cross_entropy(up, torch.from_numpy(labels), reduction="none",
+                                                 ignore_index=255)
+        return float(loss.mean())
+
+    want = mmseg_ce(logits[0]) + 0.1 * sum(mmseg_ce(x) for x in logits[1:]) + 0.4 * mmseg_ce(aux)
+    total, terms = losses.pna_loss(
+        [jnp.asarray(x) for x in logits], jnp.asarray(labels), coarse_loss="cross_entropy_all",
+        stage_loss="cross_entropy_all", aux_logits=jnp.asarray(aux), aux_weight=0.4)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert set(terms) == {"p0", "p1", "p2", "aux"}
+    with pytest.raises(ValueError, match="aux_weight is set but no aux_logits"):
+        losses.pna_loss([jnp.asarray(logits[0])], jnp.asarray(labels), aux_weight=0.4)

@@ -31,7 +31,8 @@ def test_every_config_resolves(name):
         assert key in config, key
     model = loop.build_model(config)  # model fields are the task's constructor arguments
     tx, schedule = loop.build_optimizer(config)
-    assert float(schedule(0)) == pytest.approx(config.learning_rate)
+    warmup = config.get("warmup_ratio", 1.0) if config.get("warmup_steps", 0) else 1.0
+    assert float(schedule(0)) == pytest.approx(config.learning_rate * warmup)
     augment = loop.build_augment(config)
     if loop.task_name(config) == "pna":
         assert model.pna_head.num_classes == config.model.num_classes
@@ -49,8 +50,9 @@ def test_pna_paper_configs_follow_the_official_recipes():
     voc = load_config("pna_voc_r50_fcn")
     assert (voc.model.coarse_head, voc.model.depth, voc.model.num_classes) == ("fcn", 50, 21)
     assert (voc.crop_size, voc.batch_size, voc.total_steps) == ((512, 512), 16, 20_000)
-    for name in ("pna_voc_r50_fcn", "pna_cityscapes_r101_deeplabv3", "pna_cityscapes_r101_fpn",
-                 "pna_deepglobe", "pna_trans10k"):
+    # (pna_voc_r50_fcn is the mmseg recipe: tests/test_mmseg_configs.py)
+    for name in ("pna_cityscapes_r101_deeplabv3", "pna_cityscapes_r101_fpn", "pna_deepglobe",
+                 "pna_trans10k"):
         c = load_config(name)
         assert (c.learning_rate, c.weight_decay, c.lr_power, c.clip_norm, c.batch_size) == (
             1e-4, 0.01, 0.9, 0.01, 16), name
