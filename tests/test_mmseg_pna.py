@@ -11,7 +11,9 @@ from quick_compile import quick_jit
 
 torch = pytest.importorskip("torch")
 
+from jax_refine import convert  # noqa: E402
 from jax_refine.convert.__main__ import main as convert_main  # noqa: E402
+from jax_refine.convert.common import KeyMismatchError  # noqa: E402
 from jax_refine.models import pna as pna_lib  # noqa: E402
 from tests.torch_mirrors import detectron2 as d2  # noqa: E402
 from tests.torch_mirrors import mmseg as mm  # noqa: E402
@@ -85,3 +87,14 @@ def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(final, want_final.numpy().transpose(0, 2, 3, 1), atol=TOL, rtol=0)
+
+
+def test_mmseg_key_mismatches_are_listed():
+    state = {k: v for k, v in mirror_model("aspp").state_dict().items()
+             if k != "decode_head.1.patch_embeds.pna2.bias"}
+    state["decode_head.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyMismatchError) as err:
+        convert.pna_variables({"meta": {}, "state_dict": state})
+    assert err.value.missing == ["decode_head.1.patch_embeds.pna2.bias"]
+    assert err.value.unexpected == ["decode_head.0.extra.weight"]
+    assert convert.checkpoint_layout(state) == "mmseg"

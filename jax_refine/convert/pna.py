@@ -106,26 +106,31 @@ def _features(reader: StateDictReader, prefix: str) -> list[str]:
     return sorted({m.group(1) for k in reader.keys() if (m := pattern.match(k))})
 
 
-def _embed_tree(reader: StateDictReader, key: str) -> Tree:
-    """A 1x1 embedding conv (bias in mmseg's head, none in detectron2's)."""
+def _embed_tree(reader: StateDictReader, key: str, bias: bool | None) -> Tree:
+    """A 1x1 embedding conv: bias in mmseg's head (True), none in detectron2's (False; a
+    bias key is then unexpected), or as found (None)."""
     tree = {"kernel": reader.conv(f"{key}.weight")}
-    if reader.has(f"{key}.bias"):
+    if bias or (bias is None and reader.has(f"{key}.bias")):
         tree["bias"] = reader.get(f"{key}.bias")
     return tree
 
 
-def pna_head_tree(reader: StateDictReader, prefix: str = "") -> Tree:
+def pna_head_tree(reader: StateDictReader, prefix: str = "",
+                  embed_bias: bool | None = None) -> Tree:
     """PNA head keys under `prefix` -> params of `models.pna.PNAHead`.
 
     detectron2's head names its stages by feature (`res2`..`res5`); mmseg's by input index
-    (`pna0`..`pna3`, pna{i} = res{i+2}, `MMSEG_STAGES`) and its embeddings have a bias.
+    (`pna0`..`pna3`, pna{i} = res{i+2}, `MMSEG_STAGES`) and its embeddings have a bias
+    (`embed_bias`: True / False = required / absent, None = as found).
     """
     params: Tree = {}
     features = _features(reader, prefix) or ["res2", "res3", "res4", "res5"]
     for key in features:
         f = MMSEG_STAGES.get(key, key)
-        params[f"patch_embeds_{f}"] = _embed_tree(reader, f"{prefix}patch_embeds.{key}")
-        params[f"value_embeds_{f}"] = _embed_tree(reader, f"{prefix}value_embeds.{key}")
+        params[f"patch_embeds_{f}"] = _embed_tree(reader, f"{prefix}patch_embeds.{key}",
+                                                  embed_bias)
+        params[f"value_embeds_{f}"] = _embed_tree(reader, f"{prefix}value_embeds.{key}",
+                                                  embed_bias)
         params[f"conv_seg_layers_{f}"] = conv_tree(reader, f"{prefix}conv_seg_layers.{key}")
         stage: Tree = {}
         block_re = re.compile(rf"^{re.escape(prefix)}stages\.{re.escape(key)}\.blocks\.(\d+)\.")
@@ -228,7 +233,7 @@ def mmseg_pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
     kind = mmseg_head_kind(sd, "decode_head.0.")
     params["coarse_head"], stats["coarse_head"] = MMSEG_HEAD_TREES[kind](reader,
                                                                          "decode_head.0.")
-    params["pna_head"] = pna_head_tree(reader, MMSEG_PNA)
+    params["pna_head"] = pna_head_tree(reader, MMSEG_PNA, embed_bias=True)
     if any(k.startswith("auxiliary_head.") for k in sd):
         params["auxiliary_head"], stats["auxiliary_head"] = fcn_head_tree(reader,
                                                                           "auxiliary_head.")
@@ -259,7 +264,7 @@ def pna_variables(state_dict: Mapping[str, Any]) -> dict[str, Tree]:
         sem_p, sem_s = sem_seg_fpn_head_tree(reader, coarse)
         head_p = {"fpn": fpn_p, "head": sem_p}
         head_s = {k: v for k, v in (("fpn", fpn_s), ("head", sem_s)) if v}
-    pna = pna_head_tree(reader, "sem_seg_head.pna_head.")
+    pna = pna_head_tree(reader, "sem_seg_head.pna_head.", embed_bias=False)
     reader.finish()
     params = {"backbone": backbone[0], "coarse_head": head_p, "pna_head": pna}
     stats: Tree = {"backbone": backbone[1]}
