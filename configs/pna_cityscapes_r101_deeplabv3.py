@@ -2,8 +2,12 @@
 pna_deeplab_v3_R_103_os16_poly_90k_bs16.yaml`): detectron2 "R-103" (ResNet-101, DeepLab
 stem, output stride 16, res5 multi-grid 1-2-4), DeepLabV3 coarse head (ASPP 6/12/18, image
 pooling 32x64 for 512x1024 crops), PNA head window 9; 19 classes (train ids, 255 = ignore);
-512x1024 crops at scale [0.5, 2], batch 16, 90k steps; hard-pixel mining (top 20%) for P0
-and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_voc_r50_fcn.py.
+90k steps, batch 16. Training protocol exactly the reference's (train_net.py, the yamls and
+detectron2's defaults): short side one of 512, 768, ..., 2048 (long side <= 4096, PIL
+bilinear), 512x1024 crops where no class covers >= 75% (10 tries), SSD colour augmentation,
+flip; hard-pixel mining (top 20%) for P0 and P1..P4; AdamW 1e-4, weight decay 0.01 but 0 on
+norm layers, poly 0.9 without warmup, full-model gradient clipping 0.01 (torch's
+clip_grad_norm_). Model and data fields other than these as pna_voc_r50_fcn.py.
 
     python train.py --config configs/pna_cityscapes_r101_deeplabv3.py --workdir runs/pna_cs \
       --config.dataset.data_dir=/data/tfds \
@@ -37,8 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pool_kernel_size = (32, 64)  # crop 512x1024 / output stride 16
     config.dataset.builder_kwargs.class_names = CITYSCAPES_CLASSES
     config.eval.builder_kwargs.class_names = CITYSCAPES_CLASSES
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    config.loss.coarse_loss = "hard_pixel_mining"  # SEM_SEG_HEAD.LOSS_TYPE (DeepLabV3 head)
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # Base-PNA-{DeepLabV3-OS16,FPN}.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
+        max_size=4096,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)

@@ -1,7 +1,9 @@
 """PNA, the official DeepGlobe land-cover setting (`configs/deep_globe/
-pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; 508x508 crops of the
-2448x2448 images resized to a short side in [512, 2048] (scale [0.21, 0.84]), batch 16,
-4k steps; hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; batch 16, 4k steps;
+the 2448x2448 images resized to a short side of 512, 768, ..., 2048 (PIL bilinear), 508x508
+crops where no class covers >= 75%, SSD colour, flip; plain cross-entropy for P0
+(SemSegFPNHead), hard-pixel mining for P1..P4; the detectron2 solver as
+pna_cityscapes_r101_deeplabv3.py. Other fields as pna_voc_r50_fcn.py.
 
 Classes: the 6 land-cover classes; the 'unknown' class is ignored (label 255) in training
 and in the mIoU, as the paper reports (the official config trains it as a 7th class). The
@@ -29,9 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.window_sizes = (7, 7, 7, 7)
     config.dataset.builder_kwargs.class_names = DEEPGLOBE_CLASSES
     config.eval.builder_kwargs.class_names = DEEPGLOBE_CLASSES
-    config.augment.scale_range = (512 / 2448, 2048 / 2448)
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # pna_fpn_R_52_poly_4k_bs16.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
+        max_size=4096,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
+    config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)

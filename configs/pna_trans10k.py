@@ -1,8 +1,10 @@
 """PNA, the official Trans10k setting (`configs/trans10k/pna_fpn_R_52_poly_8k_bs16.yaml`):
 "R-52" Semantic FPN, PNA window 7 with BILINEAR upsampling of the previous prediction;
 3 classes (background, things, stuff; the paper's mIoU is over the two transparent
-classes); 512x512 crops at scale [0.5, 2] (short side 256..1024), batch 16, 8k steps;
-hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+classes); batch 16, 8k steps; short side one of 256, 307, ..., 1024 (long side <= 2048, PIL
+bilinear), 512x512 crops where no class covers >= 75%, SSD colour, flip; plain
+cross-entropy for P0 (SemSegFPNHead), hard-pixel mining for P1..P4; the detectron2 solver
+as pna_cityscapes_r101_deeplabv3.py. Other fields as pna_voc_r50_fcn.py.
 
     python train.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
       --config.dataset.data_dir=/data/tfds \
@@ -27,8 +29,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.upsample_mode = "bilinear"
     config.dataset.builder_kwargs.class_names = TRANS10K_CLASSES
     config.eval.builder_kwargs.class_names = TRANS10K_CLASSES
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE (Base-Semantic-FPN)
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # pna_fpn_R_52_poly_8k_bs16.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        # MIN_SIZE_TRAIN, the yaml's `eval` (256, 307, ..., 972, 1024):
+        min_sizes=tuple(int(x * 0.1 * 512) for x in range(5, 21)),
+        max_size=2048,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)

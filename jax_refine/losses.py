@@ -16,7 +16,11 @@ and scored with per-pixel cross-entropy, label 255 ignored;
 
 L being 'cross_entropy' (mean over the valid pixels) or 'hard_pixel_mining' (the official
 `DeepLabCE(top_k_percent_pixels=0.2)`, see `hard_pixel_cross_entropy`). The official configs
-pick L per head (e.g. Cityscapes FPN: P0 mining, P1..P4 plain cross-entropy).
+pick L per head: P1..P4 follow PNA_HEAD.LOSS_TYPE; P0 follows SEM_SEG_HEAD.LOSS_TYPE only for
+the DeepLabV3 coarse head (`DeepLabV3_PNA_Head`) — detectron2's `SemSegFPNHead.losses` always
+uses plain cross-entropy, whatever LOSS_TYPE says, so every Semantic FPN config has a
+'cross_entropy' P0 (e.g. Cityscapes FPN: P0 and P1..P4 plain cross-entropy; DeepGlobe and
+Trans10k: P0 plain, P1..P4 mining).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def test_pna_paper_configs_follow_the_official_recipes():
     assert tuple(cs.model.pool_kernel_size) == (32, 64)
     fpn = load_config("pna_cityscapes_r101_fpn")
     assert fpn.model.coarse_head == "semantic_fpn" and tuple(fpn.model.window_sizes) == (7,) * 4
-    assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("hard_pixel_mining", "cross_entropy")
+    assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("cross_entropy", "cross_entropy")
     dg = load_config("pna_deepglobe")
     assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (6, (508, 508), 4_000)
     tr = load_config("pna_trans10k")

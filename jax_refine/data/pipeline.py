@@ -29,10 +29,11 @@ step only means starting the index range there — there is no iterator state to
 Process p of P reads positions [p * B / P, (p + 1) * B / P) of every global batch (its slice
 for `jax.make_array_from_process_local_data`).
 
-The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) applies random scaling in
-[0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
-label maps; its images stay RGB in [0, 255] (the PNA model normalises them itself, as
-detectron2 does). `SyntheticSemanticSource` renders multi-class synthetic scenes for it.
+The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) is detectron2's semantic
+segmentation augmentation (resize, category-area crop, SSD colour, flip, bottom / right
+padding with the ignore label 255; graph ops in `seg_transforms`) on semantic label maps;
+its images stay RGB in [0, 255] (the PNA model normalises them itself, as detectron2 does).
+`SyntheticSemanticSource` renders multi-class synthetic scenes for it.
 
 Query coordinates are not shipped: the train step computes the crop's pixel-centre grid once.
 """
@@ -53,6 +54,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from jax_refine.data import seg_transforms
 from jax_refine.data.perturb import coarse_from_lowres, numpy_rng, perturb_mask_tf
 from jax_refine.data.synthetic import WIRE_ID, make_scene
 
@@ -298,49 +300,98 @@ class CrmAugment:
         }
 
 
+PNA_RESIZE_MODES = ("shortest_edge", "relative")
+PNA_COLOUR_MODES = ("ssd", "jitter", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class PnaAugment:
-    """PNA training transform: random scale, crop with ignore padding, flip, colour jitter.
+    """PNA training transform, detectron2's `build_sem_seg_train_aug` (`seg_transforms`).
 
-    Per example (stateless seeds from (seed, k)): scale by s ~ U[scale_range] (image
-    bilinear, label nearest), colour jitter, pad to at least crop x crop (image with the
-    ImageNet mean colour, i.e. 0 after the model's normalisation, as detectron2 pads; label
-    with `ignore_label`), random crop and horizontal flip of image and label together.
+    Per example, stateless seeds from (seed, k):
+    1. resize with PIL's BILINEAR (image) and NEAREST (label), bit-exact, to
+       'shortest_edge': a short side drawn uniformly from `min_sizes`, the long side capped
+       at `max_size` (detectron2 ResizeShortestEdge, sample style 'choice'), or
+       'relative': the image size times s ~ U[scale_range] (rounded);
+    2. crop min(crop, size) per side (detectron2 'absolute'), with the category-area rule
+       when `single_category_max_area` < 1 (RandomCrop_CategoryAreaConstraint, 10 tries,
+       `ignore_label` not counted);
+    3. colour: 'ssd' (ColorAugSSDTransform: brightness, contrast, saturation, hue on uint8),
+       'jitter' (CRM's `colour_jitter` with brightness / contrast / saturation /
+       grayscale_p) or 'none';
+    4. horizontal flip with probability 0.5;
+    5. pad at the bottom / right to crop (image with the ImageNet mean colour, 0 after the
+       model's normalisation; label with `ignore_label`), as detectron2 pads the batch.
     Output: {'image' float32 [ch, cw, 3] RGB in [0, 255] (the PNA model normalises),
-    'label' int32 [ch, cw]} for crop (ch, cw).
+    'label' int32 [ch, cw]} for crop (ch, cw). The defaults are the former jax_refine
+    recipe ('relative' [0.5, 2], no area rule, 'jitter'); the detectron2 configs set
+    the reference's values.
     """
 
     seed: int
     crop: int | tuple[int, int] = 512  # side, or (height, width) (Cityscapes: 512 x 1024)
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    resize: str = "relative"
+    min_sizes: tuple[int, ...] = ()  # 'shortest_edge': short sides (MIN_SIZE_TRAIN)
+    max_size: int = 0  # 'shortest_edge': long side cap (MAX_SIZE_TRAIN), 0 = none
+    scale_range: tuple[float, float] = (0.5, 2.0)  # 'relative'
+    single_category_max_area: float = 1.0  # CROP.SINGLE_CATEGORY_MAX_AREA, 1 = off
     ignore_label: int = 255
-    brightness: float = 0.2
+    colour: str = "jitter"
+    brightness: float = 0.2  # 'jitter' only
     contrast: float = 0.05
     saturation: float = 0.05
     grayscale_p: float = 0.0
 
+    def __post_init__(self):
+        where = f"PnaAugment({self})"
+        if self.resize not in PNA_RESIZE_MODES:
+            raise ValueError(f"{where}: resize must be one of {PNA_RESIZE_MODES}")
+        if self.colour not in PNA_COLOUR_MODES:
+            raise ValueError(f"{where}: colour must be one of {PNA_COLOUR_MODES}")
+        if self.resize == "shortest_edge" and (not self.min_sizes
+                                               or min(self.min_sizes) < 1):
+            raise ValueError(f"{where}: 'shortest_edge' needs positive min_sizes")
+        if not 0.0 < self.single_category_max_area <= 1.0:
+            raise ValueError(f"{where}: single_category_max_area must be in (0, 1]")
+
+    def _size(self, tf: Any, shape: Any, seed: Any) -> Any:
+        if self.resize == "shortest_edge":
+            sizes = tf.constant(self.min_sizes, tf.int32)
+            i = tf.random.stateless_uniform([], seed, 0, len(self.min_sizes), dtype=tf.int32)
+            return seg_transforms.shortest_edge_size(tf, shape[0], shape[1], sizes[i],
+                                                     self.max_size)
+        scale = tf.random.stateless_uniform([], seed, *self.scale_range)
+        return tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), 1)
+
     def __call__(self, tf: Any, image: Any, label: Any, k: Any) -> dict[str, Any]:
         base = tf.stack([tf.constant(self.seed, tf.int64), k])
-        seeds = tf.cast(tf.random.experimental.stateless_split(base, 7), tf.int32)
-        size = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = tf.random.stateless_uniform([], seeds[0], *self.scale_range)
-        new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
-        rgb = tf.image.resize(tf.cast(image, tf.float32) / 255.0, new, method="bilinear")
-        rgb = colour_jitter(tf, tf.clip_by_value(rgb, 0.0, 1.0), seeds[3:7], self.brightness,
-                            self.contrast, self.saturation, self.grayscale_p)
-        lbl = tf.image.resize(label[..., None], new, method="nearest")
-        mean = tf.constant(IMAGENET_MEAN)
+        seeds = tf.cast(tf.random.experimental.stateless_split(base, 4), tf.int32)
+        size = self._size(tf, tf.shape(label), seeds[0])
+        rgb = seg_transforms.resize_bilinear_pil(tf, image, size)
+        lbl = seg_transforms.resize_nearest_pil(tf, label, size)
         ch, cw = crop_hw(self.crop)
-        h, w = new[0], new[1]
-        pads = [[0, tf.maximum(ch - h, 0)], [0, tf.maximum(cw - w, 0)]]
-        rgb = tf.pad(rgb - mean, pads + [[0, 0]]) + mean
-        lbl = tf.pad(tf.cast(lbl, tf.float32), pads + [[0, 0]],
-                     constant_values=float(self.ignore_label))
-        both = tf.concat([rgb, lbl], axis=-1)
-        both = tf.image.stateless_random_crop(both, [ch, cw, 4], seeds[1])
-        both = tf.image.stateless_random_flip_left_right(both, seeds[2])
-        return {"image": both[..., :3] * 255.0,
-                "label": tf.cast(tf.round(both[..., 3]), tf.int32)}
+        y0, x0, h, w = tf.unstack(seg_transforms.category_area_crop(
+            tf, lbl, (ch, cw), seeds[1], self.single_category_max_area, self.ignore_label))
+        rgb, lbl = rgb[y0:y0 + h, x0:x0 + w], lbl[y0:y0 + h, x0:x0 + w]
+        if self.colour == "ssd":
+            draws = seg_transforms.ssd_draws(tf, seeds[2])
+            rgb = tf.cast(seg_transforms.color_aug_ssd(tf, rgb, draws), tf.float32)
+        elif self.colour == "jitter":
+            jitter_seeds = tf.random.experimental.stateless_split(seeds[2], 4)
+            rgb = 255.0 * colour_jitter(tf, tf.cast(rgb, tf.float32) / 255.0, jitter_seeds,
+                                        self.brightness, self.contrast, self.saturation,
+                                        self.grayscale_p)
+        else:
+            rgb = tf.cast(rgb, tf.float32)
+        both = tf.concat([rgb, tf.cast(lbl, tf.float32)[..., None]], axis=-1)
+        both = tf.image.stateless_random_flip_left_right(both, seeds[3])
+        pads = [[0, ch - h], [0, cw - w]]
+        mean = 255.0 * tf.constant(IMAGENET_MEAN)
+        image = tf.ensure_shape(tf.pad(both[..., :3] - mean, pads + [[0, 0]]) + mean,
+                                [ch, cw, 3])
+        label = tf.pad(tf.cast(both[..., 3], tf.int32), pads,
+                       constant_values=self.ignore_label)
+        return {"image": image, "label": tf.ensure_shape(label, [ch, cw])}
 
 
 def crop_hw(crop: int | Sequence[int]) -> tuple[int, int]:

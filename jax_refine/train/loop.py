@@ -153,12 +153,16 @@ def _pna_model(config: ml_collections.ConfigDict) -> Any:
 
 
 def _pna_augment(config: ml_collections.ConfigDict) -> pipeline.PnaAugment:
-    a = config.augment
-    return pipeline.PnaAugment(
-        seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
-        scale_range=tuple(a.scale_range),
-        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
-    )
+    """`pipeline.PnaAugment` of config.augment; fields it lacks keep PnaAugment's defaults."""
+    fields = {f.name for f in dataclasses.fields(pipeline.PnaAugment)} - {"seed", "crop"}
+    kwargs = {k: tuple(v) if isinstance(v, list | tuple) else v
+              for k, v in config.augment.items() if k in fields}
+    unknown = set(config.augment.keys()) - fields
+    if unknown:
+        raise ValueError(f"config.augment: unknown PnaAugment fields {sorted(unknown)} "
+                         f"(known: {sorted(fields)})")
+    return pipeline.PnaAugment(seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
+                               **kwargs)
 
 
 def _pna_optimizer(config: ml_collections.ConfigDict, model: Any):
