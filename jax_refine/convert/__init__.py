@@ -27,6 +27,7 @@ from jax_refine.convert.pna import (
     pna_variables,
 )
 from jax_refine.convert.resnet import resnet_from_torchvision
+from jax_refine.convert.swin import swin_config, swin_from_microsoft, swin_layout, swin_variables
 
 __all__ = [
     "KeyMismatchError",
@@ -48,4 +49,8 @@ __all__ = [
     "pna_variables",
     "pna_layer_params",
     "restormer_block_params",
+    "swin_variables",
+    "swin_config",
+    "swin_layout",
+    "swin_from_microsoft",
 ]
