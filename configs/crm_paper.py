@@ -49,12 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.min_size = 0  # synthetic only: scene side range
     config.dataset.max_size = 0
     config.dataset.subset_prob = 0.0  # synthetic only: share of targets that are object subsets
-    # Training coarse masks: perturb_mask with target IoU ~ U[iou_range) (paper), or with
-    # probability lowres_prob coarse_from_lowres with a factor ~ U[lowres_factors]; then with
-    # probability soft_prob a Gaussian blur of sigma ~ U[soft_sigma] px (see CoarseSpec).
+    # Training coarse masks: perturb_mask of gt > 0 with target IoU ~ U[iou_range) (paper),
+    # its IoU stop against the contour-thinned mask ('thinned', the reference) or the GT
+    # ('gt'); or with probability lowres_prob coarse_from_lowres with a factor
+    # ~ U[lowres_factors]; then with probability soft_prob a Gaussian blur of sigma
+    # ~ U[soft_sigma] px (see CoarseSpec).
     config.dataset.coarse = ml_collections.ConfigDict(dict(
-        iou_range=(0.8, 1.0), lowres_prob=0.0, lowres_factors=(4.0, 16.0), soft_prob=0.0,
-        soft_sigma=(0.5, 3.0)))
+        iou_range=(0.8, 1.0), iou_against="thinned", lowres_prob=0.0,
+        lowres_factors=(4.0, 16.0), soft_prob=0.0, soft_sigma=(0.5, 3.0)))
 
     config.crop_size = 224  # random crop side; the decoder is queried at every pixel
     config.batch_size = 12  # global batch (all devices of all hosts)

@@ -4,6 +4,7 @@ the perturbation's foreground, and the run length / learning-rate milestones."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -11,9 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_refine import io, losses
+from jax_refine import io, losses, metrics
 from jax_refine.data import pipeline
-from jax_refine.data.perturb import perturb_mask
+from jax_refine.data.perturb import (
+    MAX_ROUNDS,
+    RECTANGLES_PER_ROUND,
+    draw_rectangle,
+    modify_rounds,
+    numpy_rng,
+    perturb_mask,
+    perturb_mask_tf,
+    rectangle_draws_tf,
+    thin_contours,
+)
 from jax_refine.train import evaluate as ev
 from jax_refine.train import optim
 
@@ -162,34 +173,44 @@ def _soft_gt(size=40):
     return gt
 
 
-def test_perturbation_starts_from_gt_above_zero():
+def test_perturbation_starts_from_gt_above_zero_and_stops_on_the_thinned_iou():
+    """boundary_modification.modify_boundary((gt > 0.5) * 255) on the 8-bit GT: contour
+    thinning, then perturb_seg(thinned, target), whose IoU stop compares with `thinned`."""
     gt = _soft_gt()
     assert (gt > 0).sum() > (gt > 128).sum()
     for seed in range(3):
-        a = perturb_mask(gt, 0.9, np.random.default_rng(seed))
-        b = perturb_mask((gt > 0).astype(np.uint8), 0.9, np.random.default_rng(seed))
-        np.testing.assert_array_equal(a, b)
+        got = perturb_mask(gt, 0.9, np.random.default_rng(seed))
+        binary = perturb_mask((gt > 0).astype(np.uint8), 0.9, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, binary)
+        rng = np.random.default_rng(seed)  # replay the reference's steps on the same draws
+        thinned = thin_contours(gt > 0, rng)
+        rectangles = (draw_rectangle(rng, *gt.shape) for _ in itertools.count())
+        want = modify_rounds(thinned.copy(), thinned, 0.9, rectangles)
+        np.testing.assert_array_equal(got, want)
+        assert metrics.iou(got, thinned) < 0.9
+    by_gt = perturb_mask(gt, 0.9, np.random.default_rng(0), iou_against="gt")
+    assert metrics.iou(by_gt, gt > 0) < 0.9
+    with pytest.raises(ValueError, match="iou_against"):
+        perturb_mask(gt, 0.9, np.random.default_rng(0), iou_against="seg")
 
 
 def test_crm_augment_carries_the_soft_gt():
-    """gt = v / 255 through crop and flip; coarse from v > 0 (also the faint blob); a short
-    image is zero-padded on both sides (torchvision pad_if_needed)."""
+    """gt = v / 255 through crop and flip; coarse masks from v > 0 (the faint blob too), the
+    graph perturbation's IoU stop against the thinned mask; a short image is zero-padded on
+    both sides (torchvision pad_if_needed). The perturbation runs as a graph (tf.function):
+    eager while loops are slow."""
     import tensorflow as tf
 
     gt = _soft_gt()
     image = np.repeat(gt[..., None], 3, axis=2)
+    # lowres coarse masks (no perturbation loop) where only gt and padding are checked
     augment = pipeline.CrmAugment(0, crop=40, brightness=0, contrast=0, saturation=0,
-                                  grayscale_p=0)
+                                  grayscale_p=0, coarse=pipeline.CoarseSpec(lowres_prob=1.0))
     out = augment(tf, tf.constant(image), tf.constant(gt), tf.constant(0, tf.int64))
     got = out["gt"].numpy()[..., 0]
     flipped = not np.array_equal(got, gt.astype(np.float32) / np.float32(255))
     want = (gt[:, ::-1] if flipped else gt).astype(np.float32) / np.float32(255)
     np.testing.assert_array_equal(got, want)  # bitwise ToTensor's float32 v / 255
-    spec = augment.coarse
-    seed = tf.constant([3, 4], tf.int32)
-    soft = spec.make(tf, tf.constant(gt), seed).numpy()
-    binary = spec.make(tf, tf.constant((gt > 0).astype(np.uint8) * 255), seed).numpy()
-    np.testing.assert_array_equal(soft, binary)
     # Padding: a 20 x 40 image gets 20 zero rows above and below, then a random 40-row crop
     # (bottom-only padding would always put the image in the top rows).
     half = np.full((20, 40), 255, np.uint8)
@@ -203,6 +224,24 @@ def test_crm_augment_carries_the_soft_gt():
                                                   np.zeros(20 - start)])
         starts.add(start)
     assert max(starts) > 0
+    # Coarse masks come from gt > 0: the soft GT gives those of its binary gt > 0, which
+    # differ from those of gt > 128.
+    def coarse(mask):
+        return augment(tf, tf.constant(image), tf.constant(mask),
+                       tf.constant(0, tf.int64))["mask"].numpy()
+
+    from_soft = coarse(gt)
+    np.testing.assert_array_equal(from_soft, coarse((gt > 0).astype(np.uint8) * 255))
+    assert not np.array_equal(from_soft, coarse((gt > 128).astype(np.uint8) * 255))
+    # The graph perturbation's IoU stop is against the thinned mask (replayed draws).
+    stateless = tf.constant([5, 6], tf.int32)
+    got = tf.function(perturb_mask_tf)(tf.constant(gt), tf.constant(0.9, tf.float64),
+                                       stateless).numpy()
+    seeds = tf.random.experimental.stateless_split(stateless, 2).numpy()
+    thinned = thin_contours(gt, numpy_rng(seeds[0]))
+    draws = rectangle_draws_tf(seeds[1], *gt.shape, MAX_ROUNDS * RECTANGLES_PER_ROUND)
+    np.testing.assert_array_equal(got, modify_rounds(thinned.copy(), thinned, 0.9,
+                                                     draws.numpy()))
 
 
 def test_record_source_soft_gt_and_drop_last_epochs():

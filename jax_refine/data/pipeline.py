@@ -205,6 +205,8 @@ class CoarseSpec:
         pixels wide at the next scale's resolution; a model trained only on binary masks
         reads the ramp as object and grows the mask at every scale.
       soft_sigma: range of that standard deviation, in crop pixels.
+      iou_against: what perturb_mask's IoU stop compares with: 'thinned' (the reference:
+        the contour-thinned mask) or 'gt'.
     """
 
     iou_range: tuple[float, float] = (0.8, 1.0)
@@ -212,6 +214,7 @@ class CoarseSpec:
     lowres_factors: tuple[float, float] = (4.0, 16.0)
     soft_prob: float = 0.0
     soft_sigma: tuple[float, float] = (0.5, 3.0)
+    iou_against: str = "thinned"
 
     def make(self, tf: Any, gt: Any, seed: Any) -> Any:
         """float32 [H, W] in [0, 1] (binary unless blurred) from the GT crop (uint8 [H, W],
@@ -237,7 +240,8 @@ class CoarseSpec:
             return tf.reshape(out, tf.shape(gt))
 
         def perturbed():
-            return perturb_mask_tf(gt, draw(2, self.iou_range), seeds[2])
+            return perturb_mask_tf(gt, draw(2, self.iou_range), seeds[2],
+                                   iou_against=self.iou_against)
 
         coarse = tf.cast(tf.cond(u[3] < self.lowres_prob, lowres, perturbed), tf.float32)
 

@@ -16,9 +16,10 @@ Sources: a BIG-layout folder (name_im.jpg, name_gt.png, name_seg.png) or held-ou
 scenes (seeds 0..n-1, never used in training, see `jax_refine.data.pipeline`) with coarse
 masks of two kinds:
 * 'lowres': `coarse_from_lowres(gt, 16)` at full resolution;
-* 'perturb': `perturb_mask` at 512 px (IoU target 0.85), upsampled bilinearly and
-  thresholded at 0.5 — at 2048 px perturb_mask's 250 rounds of small rectangles barely
-  change the mask, so the degradation is made at the resolution the reference used.
+* 'perturb': `perturb_mask` at 512 px (IoU with the GT stopped below 0.85), upsampled
+  bilinearly and thresholded at 0.5 — at 2048 px perturb_mask's 250 rounds of small
+  rectangles barely change the mask, so the degradation is made at the resolution the
+  reference used.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def synthetic_coarse(gt: np.ndarray, kind: str, seed: int) -> np.ndarray:
         scale = min(1.0, 512 / max(h, w))
         small = cv2.resize(gt.astype(np.float32), (round(w * scale), round(h * scale)),
                            interpolation=cv2.INTER_AREA) > 0.5
-        coarse = perturb_mask(small.astype(np.uint8), 0.85, rng).astype(np.float32)
+        coarse = perturb_mask(small.astype(np.uint8), 0.85, rng, iou_against="gt")
+        coarse = coarse.astype(np.float32)
         return (cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5).astype(
             np.uint8)
     raise ValueError(f"unknown coarse kind {kind!r}; expected 'perturb' or 'lowres'")

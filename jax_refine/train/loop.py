@@ -103,7 +103,7 @@ def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
         seed=config.seed,
         crop=config.crop_size,
         coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors),
-                                   c.soft_prob, tuple(c.soft_sigma)),
+                                   c.soft_prob, tuple(c.soft_sigma), c.iou_against),
     )
 
 
