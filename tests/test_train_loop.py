@@ -69,7 +69,7 @@ def test_pna_paper_configs_follow_the_official_recipes():
 
 def test_paper_config_is_the_paper_recipe():
     c = load_config("crm_paper")
-    assert (c.model.depth, c.batch_size, c.total_steps, c.learning_rate) == (50, 12, 45_000,
+    assert (c.model.depth, c.batch_size, c.total_steps, c.learning_rate) == (50, 12, 45_705,
                                                                             2.25e-4)
     assert optim.piecewise_boundaries(c.total_steps, c.lr_boundaries) == [22_500, 37_500]
     assert c.weight_decay == 1e-4 and c.crop_size == 224

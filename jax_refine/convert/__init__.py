@@ -19,6 +19,7 @@ from jax_refine.convert.common import (
 )
 from jax_refine.convert.crm import crm_variables
 from jax_refine.convert.detectron2 import resnet_from_detectron2, unwrap_checkpoint
+from jax_refine.convert.mmseg import resnet_from_mmseg
 from jax_refine.convert.pna import (
     coarse_head_variables,
     pna_config,
@@ -26,6 +27,7 @@ from jax_refine.convert.pna import (
     pna_variables,
 )
 from jax_refine.convert.resnet import resnet_from_torchvision
+from jax_refine.convert.swin import swin_config, swin_from_microsoft, swin_layout, swin_variables
 
 __all__ = [
     "KeyMismatchError",
@@ -39,6 +41,7 @@ __all__ = [
     "crm_variables",
     "resnet_from_torchvision",
     "resnet_from_detectron2",
+    "resnet_from_mmseg",
     "unwrap_checkpoint",
     "coarse_head_variables",
     "pna_config",
@@ -46,4 +49,8 @@ __all__ = [
     "pna_variables",
     "pna_layer_params",
     "restormer_block_params",
+    "swin_variables",
+    "swin_config",
+    "swin_layout",
+    "swin_from_microsoft",
 ]

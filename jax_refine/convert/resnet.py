@@ -69,6 +69,18 @@ def resnet_tree(
         conv1 = np.concatenate([conv1, pad], axis=2)
     params["conv1"] = {"kernel": conv1}
     params["bn1"], stats["bn1"] = batch_norm(reader, f"{prefix}bn1")
+    stages_tree(reader, prefix, num_stages, params, stats)
+    return params, stats
+
+
+def stages_tree(
+    reader: StateDictReader, prefix: str, num_stages: int, params: Tree, stats: Tree
+) -> None:
+    """Add {prefix}layer{i}.{j}.* (torchvision block names, also mmseg's) to params/stats.
+
+    Bottleneck blocks when `layer1.0.conv3` exists, else basic blocks; a stage without
+    blocks is reported missing.
+    """
     bottleneck = reader.has(f"{prefix}layer1.0.conv3.weight")
     n_convs = 3 if bottleneck else 2
     for i, blocks in enumerate(stage_sizes(reader, prefix, num_stages), start=1):
@@ -86,7 +98,6 @@ def resnet_tree(
                 ds_p, ds_s = batch_norm(reader, f"{src}.downsample.1")
                 p["downsample_bn"], s["downsample_bn"] = ds_p, ds_s
             params[dst], stats[dst] = p, s
-    return params, stats
 
 
 def resnet_from_torchvision(

@@ -11,6 +11,12 @@ Pieces (names follow the official detectron2 code, `liutinglt/PNA`):
   (res5 dilations 2, 4, 8); the official FPN configs output stride 32 with the same
   multi-grid, so res5's blocks are dilated 1, 2, 4 at stride 32. `res_features` renames
   `layer1..4` to `res2..res5`.
+* `resnet_v1c(depth, ...)` — mmsegmentation's `ResNetV1c` (the backbone of the paper's
+  Pascal VOC / COCO-Stuff models, `configs/pna/*_r{50,101}-d*` on the reference's
+  mmsegmentation branch) as our `ResNet`: deep stem 3x3 conv 32 (stride 2) - 32 - 64,
+  style 'pytorch' (stride in the 3x3 conv), strided 1x1 downsample conv (no avg_down), d8 /
+  d16 / d32 by dilation, `contract_dilation` (a dilated stage's first block uses half the
+  dilation), mmseg's BasicBlock for depth 18 / 34 (only conv1 dilated).
 * `PNAHead` — the progressive head: stages run res5 -> res2; stage f upsamples the previous
   prediction (P0 = the coarse logits for the first stage) to F_f's size (PyTorch 'nearest'
   = floor indexing, or bilinear with align_corners=False), embeds the features with the 1x1
@@ -42,7 +48,13 @@ import jax.numpy as jnp
 
 from jax_refine.layers import PNALayer
 from jax_refine.models import checkpoint_dir
-from jax_refine.models.backbones.resnet import ResNet18, ResNet34, ResNet50, ResNet101
+from jax_refine.models.backbones.resnet import (
+    MMSegBasicBlock,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+)
 from jax_refine.models.heads import (
     DeepLabV3Head,
     FCNHead,
@@ -58,6 +70,29 @@ PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 UPSAMPLE_MODES = ("nearest", "bilinear")
 RESNETS = {18: ResNet18, 34: ResNet34, 50: ResNet50, 101: ResNet101}
+# Output stride -> (first-block stride, dilation) of layer1..4 (detectron2's RES4/RES5_DILATION
+# and mmseg's d8 / d16 / d32 configs agree).
+OUTPUT_STRIDES = {
+    32: ((1, 2, 2, 2), (1, 1, 1, 1)),
+    16: ((1, 2, 2, 1), (1, 1, 1, 2)),
+    8: ((1, 2, 1, 1), (1, 1, 2, 4)),
+}
+
+
+def _resnet_maker(depth: int, stage_sizes: Sequence[int] | None):
+    """The `ResNet` partial of `depth` (ValueError if unknown), with `stage_sizes` overridden."""
+    if depth not in RESNETS:
+        raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
+    make = RESNETS[depth]
+    if stage_sizes is not None:
+        make = functools.partial(make, stage_sizes=tuple(stage_sizes))
+    return make
+
+
+def _output_stride(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return OUTPUT_STRIDES[output_stride]
 
 
 def deeplab_resnet(
@@ -87,27 +122,64 @@ def deeplab_resnet(
     Returns:
       A `ResNet` whose output 'layer{i}' is detectron2's 'res{i+1}' (see `res_features`).
     """
-    if depth not in RESNETS:
-        raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
-    settings = {
-        32: ((1, 2, 2, 2), (1, 1, 1, 1), (1, 1, 1, 1)),
-        16: ((1, 2, 2, 1), (1, 1, 1, 2), (1, 1, 1, 2)),
-        8: ((1, 2, 1, 1), (1, 1, 2, 4), (1, 1, 2, 4)),
-    }
-    if output_stride not in settings:
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-    strides, dilations, first_dilations = settings[output_stride]
-    make = RESNETS[depth]
-    if stage_sizes is not None:
-        make = functools.partial(make, stage_sizes=tuple(stage_sizes))
+    make = _resnet_maker(depth, stage_sizes)
+    strides, dilations = _output_stride(output_stride)
     return make(
         width=width,
         in_channels=3,
         stem=stem,
         strides=strides,
         dilations=dilations,
-        first_dilations=first_dilations,
+        first_dilations=dilations,
         multi_grid=tuple(multi_grid) if multi_grid is not None else None,
+        axis_name=axis_name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def resnet_v1c(
+    depth: int = 50,
+    *,
+    width: int = 64,
+    output_stride: int = 16,
+    contract_dilation: bool = True,
+    axis_name: str | None = None,
+    stage_sizes: Sequence[int] | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> nn.Module:
+    """mmsegmentation's `ResNetV1c` (see the module docstring) as a `ResNet`.
+
+    Flax names are the torchvision ones of `ResNet` (stem 'conv1..3' / 'bn1..3', blocks
+    'layer{i}_{j}'); `convert.mmseg.resnet_v1c_tree` maps mmseg's names onto them.
+
+    Args:
+      depth: 18, 34 (mmseg BasicBlock), 50 or 101 (Bottleneck); PNA's models: 50 / 101.
+      width: mmseg's stem_channels = base_channels (64 in every official model; the stem
+        is width // 2, width // 2, width channels; small CPU models use less).
+      output_stride: 32 (d32: FCN), 16 (d16: PSP, ASPP; layer4 dilation 2) or 8 (d8;
+        layer3 dilation 2, layer4 4).
+      contract_dilation: the first block of a stage with dilation d > 1 uses d // 2
+        (every official PNA config: True).
+      axis_name: BatchNorm statistics axis (SyncBN) in training.
+      stage_sizes: blocks per stage, overriding `depth`'s (small test networks).
+
+    Returns:
+      A `ResNet` whose 'layer1..4' are mmseg's out_indices 0..3 (`res_features` -> res2..5).
+    """
+    make = _resnet_maker(depth, stage_sizes)
+    strides, dilations = _output_stride(output_stride)
+    first_dilations = tuple(d // 2 if contract_dilation and d > 1 else d for d in dilations)
+    if depth in (18, 34):
+        make = functools.partial(make, block=MMSegBasicBlock)
+    return make(
+        width=width,
+        in_channels=3,
+        stem="v1c",
+        strides=strides,
+        dilations=dilations,
+        first_dilations=first_dilations,
         axis_name=axis_name,
         dtype=dtype,
         param_dtype=param_dtype,

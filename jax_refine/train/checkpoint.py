@@ -214,9 +214,12 @@ def load_pna_init_variables(
     * an official PNA checkpoint file (detectron2 keys, `convert.pna_variables`): all weights;
     * ImageNet backbone weights, the rest staying as initialised: a detectron2 ResNet file
       (.pkl or .pth, e.g. DeepLab's R-52.pkl / R-103.pkl for the 'deeplab' stem;
-      `convert.resnet_from_detectron2`) or a torchvision ResNet state_dict (.pth, for
+      `convert.resnet_from_detectron2`), open-mmlab's ResNetV1c weights (.pth with
+      'stem.0.weight', e.g. resnet50_v1c / resnet101_v1c for `models.pna.resnet_v1c`;
+      `convert.resnet_from_mmseg`) or a torchvision ResNet state_dict (.pth, for
       stem='torchvision'; `convert.resnet_from_torchvision`).
-    Structures and shapes must match the model (ValueError otherwise).
+    Keys and shapes must match the model (ValueError otherwise, naming the file and listing
+    the missing and unexpected keys).
     """
     path = Path(path)
     params = jax.tree_util.tree_map(np.asarray, params)
@@ -235,11 +238,18 @@ def load_pna_init_variables(
     if any(k.startswith("sem_seg_head.pna_head.") for k in state_dict):
         variables = convert.pna_variables(state_dict)
         return _replace_variables(params, batch_stats, variables, path)
-    if "stem.conv1.weight" in state_dict:
-        tree = convert.resnet_from_detectron2(state_dict)
-    elif "conv1.weight" in state_dict:
-        tree = convert.resnet_from_torchvision(state_dict, in_channels=3, num_stages=4)
-    else:
+    converters = {
+        "stem.conv1.weight": convert.resnet_from_detectron2,
+        "stem.0.weight": convert.resnet_from_mmseg,
+        "conv1.weight": lambda sd: convert.resnet_from_torchvision(sd, in_channels=3),
+    }
+    layout = next((key for key in converters if key in state_dict), None)
+    if layout is None:
         raise ValueError(f"init_from: {path} is neither a PNA checkpoint nor detectron2 / "
-                         f"torchvision ResNet weights (first keys: {sorted(state_dict)[:5]})")
+                         f"mmseg / torchvision ResNet weights "
+                         f"(first keys: {sorted(state_dict)[:5]})")
+    try:
+        tree = converters[layout](state_dict)
+    except convert.KeyMismatchError as err:
+        raise ValueError(f"init_from: {path}: {err}") from err
     return _replace_variables(params, batch_stats, tree, path, backbone="backbone")

@@ -103,7 +103,7 @@ def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
         seed=config.seed,
         crop=config.crop_size,
         coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors),
-                                   c.soft_prob, tuple(c.soft_sigma)),
+                                   c.soft_prob, tuple(c.soft_sigma), c.iou_against),
     )
 
 
@@ -224,7 +224,8 @@ TASKS = {
         synthetic_source=lambda c: pipeline.SyntheticSource(
             c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size,
             subset_prob=c.dataset.subset_prob),
-        record_kwargs=lambda c: {},
+        # 8-bit soft GT; epochs of whole batches, as the reference's DataLoader(drop_last)
+        record_kwargs=lambda c: {"epoch_batch": c.batch_size},
         augment=_crm_augment,
         optimizer=_crm_optimizer,
         train_step=_crm_train_step,
@@ -239,7 +240,7 @@ TASKS = {
         synthetic_source=lambda c: pipeline.SyntheticSemanticSource(
             c.seed, c.dataset.min_size, c.dataset.max_size, c.dataset.num_classes),
         # semantic label maps: class ids, 255 = ignore
-        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "binarize": False},
+        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "labels": True},
         augment=_pna_augment,
         optimizer=_pna_optimizer,
         train_step=_pna_train_step,

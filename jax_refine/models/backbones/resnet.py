@@ -29,7 +29,7 @@ import numpy as np
 Array = Any
 Size = Any  # int or traced int32 scalar
 
-STEMS = ("torchvision", "deeplab")
+STEMS = ("torchvision", "deeplab", "v1c")
 
 
 def conv_out_size(n: Size, kernel: int, stride: int, pad: int, dilation: int = 1) -> Size:
@@ -237,7 +237,12 @@ class _Block(nn.Module):
 
 
 class BasicBlock(_Block):
-    """ResNet basic block (two 3x3 convolutions), expansion 1."""
+    """ResNet basic block (two 3x3 convolutions), expansion 1.
+
+    `dilation` dilates both 3x3 convolutions; `MMSegBasicBlock` dilates only the first.
+    """
+
+    dilate_conv2 = True
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False, valid_size=None) -> Array:
@@ -248,9 +253,16 @@ class BasicBlock(_Block):
         out_valid = None
         if valid_size is not None:
             out_valid = tuple(conv_out_size(n, 3, self.stride, d, d) for n in valid_size)
-        out = conv(self.planes, 3, 1, d, d, name="conv2")(mask_valid(out, out_valid))
+        d2 = d if self.dilate_conv2 else 1
+        out = conv(self.planes, 3, 1, d2, d2, name="conv2")(mask_valid(out, out_valid))
         out = norm(name="bn2")(out)
         return nn.relu(out + self.shortcut(x, conv, norm))
+
+
+class MMSegBasicBlock(BasicBlock):
+    """mmsegmentation's BasicBlock: `dilation` dilates conv1 only (conv2 is 3x3, padding 1)."""
+
+    dilate_conv2 = False
 
 
 class Bottleneck(_Block):
@@ -322,9 +334,10 @@ class ResNet(nn.Module):
         RES5_MULTI_GRID): block j of the last stage uses dilations[-1] * multi_grid[j],
         first block included (first_dilations is then ignored for that stage). None = off.
       num_stages: how many stages to compute (CRM computes 3 and never runs layer4).
-      stem: 'torchvision' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or 'deeplab'
-        (three 3x3 convs 'conv1..3' with BN 'bn1..3', the first strided, width, width,
-        2 * width channels, then the max-pool).
+      stem: 'torchvision' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), 'deeplab' (three 3x3
+        conv-BN-ReLU 'conv1..3' / 'bn1..3', the first strided, width, width, 2 * width
+        channels, then the max-pool; detectron2's DeepLab stem) or 'v1c' (the same with
+        width // 2, width // 2, width channels; mmsegmentation's ResNetV1c deep stem).
       axis_name: BatchNorm statistics are averaged over this axis (SyncBN) when training.
     Returns (from __call__): dict with 'stem' [B, ceil(H/2), ceil(W/2), stem channels]
       (after ReLU, before pooling) and 'layer{i}' for i <= num_stages.
@@ -386,11 +399,12 @@ class ResNet(nn.Module):
         if self.stem == "torchvision":
             x = nn.relu(norm(name="bn1")(conv(self.width, 7, 2, 3, 1, name="conv1")(x)))
         else:
-            x = nn.relu(norm(name="bn1")(conv(self.width, 3, 2, 1, 1, name="conv1")(x)))
+            w = self.width if self.stem == "deeplab" else self.width // 2
+            x = nn.relu(norm(name="bn1")(conv(w, 3, 2, 1, 1, name="conv1")(x)))
             x = mask_valid(x, valid and valid["stem"])
-            x = nn.relu(norm(name="bn2")(conv(self.width, 3, 1, 1, 1, name="conv2")(x)))
+            x = nn.relu(norm(name="bn2")(conv(w, 3, 1, 1, 1, name="conv2")(x)))
             x = mask_valid(x, valid and valid["stem"])
-            x = nn.relu(norm(name="bn3")(conv(2 * self.width, 3, 1, 1, 1, name="conv3")(x)))
+            x = nn.relu(norm(name="bn3")(conv(2 * w, 3, 1, 1, 1, name="conv3")(x)))
         features = {"stem": x}
         # Post-ReLU values are >= 0, so zeros outside the valid region act as -inf padding.
         x = mask_valid(x, valid and valid["stem"])
