@@ -130,7 +130,7 @@ def _coarse(spec, gt, seed=0):
 def test_coarse_spec_iou_range():
     gt = np.zeros((96, 96), np.uint8)
     gt[20:70, 30:80] = 1
-    coarse = _coarse(pipeline.CoarseSpec((0.8, 0.81)), gt)
+    coarse = _coarse(pipeline.CoarseSpec((0.8, 0.81), iou_against="gt"), gt)
     assert coarse.dtype == np.float32 and set(np.unique(coarse)) <= {0.0, 1.0}
     inter = np.logical_and(coarse, gt).sum()
     union = np.logical_or(coarse, gt).sum()
