@@ -15,6 +15,11 @@ and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_voc_r5
 
 (`semantic_folder` pairs name.* with name.png across the two folders: flatten Cityscapes'
 city subfolders and give images and label maps the same stem.)
+
+Test protocol (the reference's): ResizeShortestEdge(1024, max 2048) — the identity on
+Cityscapes' 1024x2048 images, so nothing is resampled; the mIoU counts classes present in the
+labels or the predictions, as the official cityscapesscripts evaluator does (on the val set
+every class occurs, so detectron2's rule gives the same number).
 """
 
 from pathlib import Path
@@ -37,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pool_kernel_size = (32, 64)  # crop 512x1024 / output stride 16
     config.dataset.builder_kwargs.class_names = CITYSCAPES_CLASSES
     config.eval.builder_kwargs.class_names = CITYSCAPES_CLASSES
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=1024, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt_or_pred"
     config.loss.coarse_loss = "hard_pixel_mining"
     config.loss.stage_loss = "hard_pixel_mining"
     config.crop_size = (512, 1024)

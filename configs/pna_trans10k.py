@@ -1,13 +1,21 @@
 """PNA, the official Trans10k setting (`configs/trans10k/pna_fpn_R_52_poly_8k_bs16.yaml`):
 "R-52" Semantic FPN, PNA window 7 with BILINEAR upsampling of the previous prediction;
-3 classes (background, things, stuff; the paper's mIoU is over the two transparent
-classes); 512x512 crops at scale [0.5, 2] (short side 256..1024), batch 16, 8k steps;
-hard-pixel mining for P0 and P1..P4. Other fields as pna_voc_r50_fcn.py.
+3 classes (background, things, stuff); 512x512 crops at scale [0.5, 2] (short side
+256..1024), batch 16, 8k steps; hard-pixel mining for P0 and P1..P4. Other fields as
+pna_voc_r50_fcn.py.
+
+Test protocol (the reference's): ResizeShortestEdge(512, max 2048) with Pillow bilinear,
+logits resized back to the original size (bilinear); detectron2's SemSegEvaluator counting
+(classes present in the labels); the paper's mIoU and mACC over the two transparent classes
+(things, stuff; background excluded).
 
     python train.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
       --config.dataset.data_dir=/data/tfds \
       --config.dataset.builder_kwargs.images=/data/trans10k/train/images \
       --config.dataset.builder_kwargs.labels=/data/trans10k/train/labels
+    python evaluate.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
+      --config.eval.builder_kwargs.images=/data/trans10k/test/images \
+      --config.eval.builder_kwargs.labels=/data/trans10k/test/labels
 """
 
 from pathlib import Path
@@ -27,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.upsample_mode = "bilinear"
     config.dataset.builder_kwargs.class_names = TRANS10K_CLASSES
     config.eval.builder_kwargs.class_names = TRANS10K_CLASSES
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=512, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt"
+    config.eval.mean_classes = (1, 2)  # things, stuff
     config.loss.coarse_loss = "hard_pixel_mining"
     config.loss.stage_loss = "hard_pixel_mining"
     config.total_steps = 8_000

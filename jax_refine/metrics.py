@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 MBA_NUM_RADII = 5
-VALID_CLASSES = ("gt_or_pred", "gt")  # which classes count in the mIoU (see ConfusionMatrix)
+IOU_CLASSES = ("gt_or_pred", "gt")  # which classes count in the mIoU (see ConfusionMatrix)
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,20 +157,20 @@ class ConfusionMatrix:
             gt * self.num_classes + pred, minlength=self.num_classes**2
         ).reshape(self.num_classes, self.num_classes)
 
-    def per_class_iou(self, valid: str = "gt_or_pred") -> np.ndarray:
+    def per_class_iou(self, iou_classes: str = "gt_or_pred") -> np.ndarray:
         """IoU per class, float64 [num_classes]; NaN for the classes that do not count.
 
-        `valid` says which classes count, where the two reference evaluators differ:
+        `iou_classes` says which classes count, where the two reference evaluators differ:
         'gt_or_pred' (mmsegmentation's `mean_iou`: every class with a nonzero union, so a
         class predicted but absent from the ground truth scores 0) or 'gt' (detectron2's
         `SemSegEvaluator`: only classes present in the ground truth).
         """
-        if valid not in VALID_CLASSES:
-            raise ValueError(f"valid must be one of {VALID_CLASSES}, got {valid!r}")
+        if iou_classes not in IOU_CLASSES:
+            raise ValueError(f"iou_classes must be one of {IOU_CLASSES}, got {iou_classes!r}")
         true_positive = np.diag(self.matrix).astype(np.float64)
         in_gt = self.matrix.sum(1)
         union = self.matrix.sum(0) + in_gt - true_positive
-        keep = union > 0 if valid == "gt_or_pred" else in_gt > 0
+        keep = union > 0 if iou_classes == "gt_or_pred" else in_gt > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(keep, true_positive / union, np.nan)
 
@@ -181,10 +181,11 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(in_gt > 0, np.diag(self.matrix) / in_gt, np.nan)
 
-    def mean_iou(self, valid: str = "gt_or_pred", classes: Sequence[int] | None = None) -> float:
-        """Mean IoU over the counting classes (`per_class_iou(valid)`), restricted to
+    def mean_iou(self, iou_classes: str = "gt_or_pred",
+                 classes: Sequence[int] | None = None) -> float:
+        """Mean IoU over the counting classes (`per_class_iou(iou_classes)`), restricted to
         `classes` if given (e.g. Trans10k's two transparent classes); NaN if none counts."""
-        return _nanmean(self._subset(self.per_class_iou(valid), classes))
+        return _nanmean(self._subset(self.per_class_iou(iou_classes), classes))
 
     def mean_class_accuracy(self, classes: Sequence[int] | None = None) -> float:
         """mACC: mean per-class accuracy over the classes present in the ground truth
@@ -206,7 +207,7 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
-    def summary(self, valid: str = "gt_or_pred",
+    def summary(self, iou_classes: str = "gt_or_pred",
                 classes: Sequence[int] | None = None) -> dict[str, Any]:
         """{'miou', 'fwiou', 'macc', 'pacc', 'per_class_iou', 'per_class_acc'}: the means as
         floats (mIoU and mACC over `classes` if given), the per-class lists with None for the
@@ -214,9 +215,9 @@ class ConfusionMatrix:
         def listed(values: np.ndarray) -> list[float | None]:
             return [None if np.isnan(v) else float(v) for v in values]
 
-        return {"miou": self.mean_iou(valid, classes), "fwiou": self.frequency_weighted_iou(),
+        return {"miou": self.mean_iou(iou_classes, classes), "fwiou": self.frequency_weighted_iou(),
                 "macc": self.mean_class_accuracy(classes), "pacc": self.pixel_accuracy(),
-                "per_class_iou": listed(self.per_class_iou(valid)),
+                "per_class_iou": listed(self.per_class_iou(iou_classes)),
                 "per_class_acc": listed(self.per_class_accuracy())}
 
     def _subset(self, values: np.ndarray, classes: Sequence[int] | None) -> np.ndarray:
