@@ -178,8 +178,8 @@ class Predictor:
     logits are upsampled bilinearly to the bucket, cropped to the resized image and resized
     back to the original size per image (`resize_bilinear_dynamic`, traced sizes), and the
     argmax is taken on the device. Images are grouped by (original bucket, network bucket,
-    taps); each call holds `batch_size` images (rounded up to a multiple of the device count;
-    unused slots are padding) sharded on the mesh's 'data' axis, with the weights
+    resampled or not); each call holds `batch_size` images (rounded up to a multiple of the
+    device count; unused slots are padding) sharded on the mesh's 'data' axis, with the weights
     replicated — they are an argument, so a training loop reuses the compilations with new
     weights. `trace_count`: compilations so far (one per group shape).
     """
@@ -229,14 +229,17 @@ class Predictor:
         groups: dict[tuple[Any, ...], list[int]] = collections.defaultdict(list)
         resampler = self.resize.resampler
         sizes = np.ones((len(images), 4), np.int32)
+        taps_needed = np.zeros(len(images), np.int64)  # 0: no resampling
         for i, image in enumerate(images):
             h, w = image.shape[:2]
             sizes[i] = (*self.resize.output_shape(h, w), h, w)
-            num_taps = (0 if tuple(sizes[i, :2]) == (h, w)
-                        else image_resize.num_taps(resampler, (h, w), tuple(sizes[i, :2])))
-            groups[(self.bucket_shape(h, w), self.bucket_shape(*sizes[i, :2]), num_taps)].append(i)
+            if tuple(sizes[i, :2]) != (h, w):
+                taps_needed[i] = image_resize.num_taps(resampler, (h, w), tuple(sizes[i, :2]))
+            groups[(self.bucket_shape(h, w), self.bucket_shape(*sizes[i, :2]),
+                    bool(taps_needed[i]))].append(i)
         out: list[np.ndarray] = [np.empty(0)] * len(images)
-        for (in_shape, net_shape, num_taps), members in groups.items():
+        for (in_shape, net_shape, _), members in groups.items():
+            num_taps = int(taps_needed[members].max())  # one tap count (program) per group
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 batch = np.zeros((self.batch_size, *in_shape, 3), np.uint8)
