@@ -76,7 +76,13 @@ def synthetic_samples(num: int, size: int, num_classes: int) -> Iterator[Sample]
 
 
 def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0) -> Iterator[Sample]:
-    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name')."""
+    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name').
+
+    TFDS's random-access data source decodes images with OpenCV (Pillow without it), whose
+    JPEG pixels equal Pillow's (detectron2's `read_image`) and mmcv's; TensorFlow's default
+    JPEG decoder (fast integer DCT, the tf.data training pipeline) differs from them in
+    about 65% of the pixels, by up to 5 levels (measured on noise images).
+    """
     for i in range(len(records) if not limit else min(limit, len(records))):
         r = records[i]
         label = np.asarray(r["label"])
