@@ -9,7 +9,9 @@ duplicate key: urban's name is lost, its colour stays second), and the reference
 ship its label conversion; this order is the one its metadata lists and the one of the
 common GLNet DeepGlobe loader (`RGB_mapping_to_class`: unknown 0, urban 1, ... barren 6).
 The paper's mIoU is over the 6 land-cover classes 1..6 (`config.eval.mean_classes` in
-configs/pna_deepglobe.py).
+configs/pna_deepglobe.py). Not reproduced: the reference's SemSegEvaluator takes its class
+count from the same metadata (6 names after the duplicate key), so it would score labels 0..5
+and treat barren (6), and pixels predicted as barren, like the ignore label.
 
 Masks are binarised at 128 per channel first, as the DeepGlobe challenge instructs (the
 PNGs are not pure colours everywhere; GLNet compares exact colours instead); the one colour
