@@ -19,6 +19,11 @@ clip_grad_norm_). Model and data fields other than these as pna_voc_r50_fcn.py.
 
 (`semantic_folder` pairs name.* with name.png across the two folders: flatten Cityscapes'
 city subfolders and give images and label maps the same stem.)
+
+Test protocol (the reference's): ResizeShortestEdge(1024, max 2048) — the identity on
+Cityscapes' 1024x2048 images, so nothing is resampled; the mIoU counts classes present in the
+labels or the predictions, as the official cityscapesscripts evaluator does (on the val set
+every class occurs, so detectron2's rule gives the same number).
 """
 
 from pathlib import Path
@@ -68,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=1024, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt_or_pred"
     config.crop_size = (512, 1024)
     config.total_steps = 90_000
     config.checkpoint_every = 9_000

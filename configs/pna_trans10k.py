@@ -6,10 +6,18 @@ bilinear), 512x512 crops where no class covers >= 75%, SSD colour, flip; plain
 cross-entropy for P0 (SemSegFPNHead), hard-pixel mining for P1..P4; the detectron2 solver
 as pna_cityscapes_r101_deeplabv3.py. Other fields as pna_voc_r50_fcn.py.
 
+Test protocol (the reference's): ResizeShortestEdge(512, max 2048) with Pillow bilinear,
+logits resized back to the original size (bilinear); detectron2's SemSegEvaluator counting
+(classes present in the labels); the paper's mIoU and mACC over the two transparent classes
+(things, stuff; background excluded).
+
     python train.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
       --config.dataset.data_dir=/data/tfds \
       --config.dataset.builder_kwargs.images=/data/trans10k/train/images \
       --config.dataset.builder_kwargs.labels=/data/trans10k/train/labels
+    python evaluate.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
+      --config.eval.builder_kwargs.images=/data/trans10k/test/images \
+      --config.eval.builder_kwargs.labels=/data/trans10k/test/labels
 """
 
 from pathlib import Path
@@ -57,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=512, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt"
+    config.eval.mean_classes = (1, 2)  # things, stuff
     config.total_steps = 8_000
     config.checkpoint_every = 800
     return config

@@ -62,7 +62,7 @@ def test_pna_paper_configs_follow_the_official_recipes():
     assert fpn.model.coarse_head == "semantic_fpn" and tuple(fpn.model.window_sizes) == (7,) * 4
     assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("cross_entropy", "cross_entropy")
     dg = load_config("pna_deepglobe")
-    assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (6, (508, 508), 4_000)
+    assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (7, (508, 508), 4_000)
     tr = load_config("pna_trans10k")
     assert (tr.model.upsample_mode, tr.model.num_classes, tr.total_steps) == ("bilinear", 3, 8_000)
 

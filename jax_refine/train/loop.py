@@ -194,8 +194,7 @@ def _pna_export(config, directory, model, variables) -> None:
 def _pna_evaluator(config, model):
     """Per-stage mIoU on config.eval's set (`evaluate_pna.evaluate_model`, as evaluate.py),
     batched and sharded over every device, one compilation per shape bucket for the run."""
-    predictor = evaluate_pna.Predictor(pna_lib.build_pna(**pna_build_kwargs(config)),
-                                       batch_size=config.eval.get("batch_size", 8))
+    predictor = evaluate_pna.predictor_for(config, pna_lib.build_pna(**pna_build_kwargs(config)))
     return functools.partial(evaluate_pna.evaluate_model, config, predictor)
 
 
@@ -340,7 +339,7 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
 
 def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Flat TensorBoard scalars of an evaluation's results by set: CRM
-    'eval/SET/{coarse,refined}_{iou,mba}', PNA 'eval/SET/P<i>_miou'."""
+    'eval/SET/{coarse,refined}_{iou,mba}', PNA 'eval/SET/P<i>_{miou,fwiou,macc,pacc}'."""
     out = {}
     for name, r in results.items():
         for kind in ("coarse", "refined"):
@@ -348,7 +347,8 @@ def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
                 if kind in r:
                     out[f"eval/{name}/{kind}_{metric}"] = r[kind][metric]
         for stage, m in r.get("stages", {}).items():
-            out[f"eval/{name}/{stage}_miou"] = m["miou"]
+            for metric in ("miou", "fwiou", "macc", "pacc"):
+                out[f"eval/{name}/{stage}_{metric}"] = m[metric]
     return out
 
 
