@@ -3,8 +3,10 @@
 CRM (config.task 'crm', the default): uses DIR/refiner (or `--checkpoint` of the Refiner
 format); data from config.eval (a BIG folder, or held-out synthetic scenes); IoU and mBA of
 the coarse and refined masks, and of the mask after each scale of the schedule. PNA
-(config.task 'pna'): uses DIR/pna (or `--checkpoint`); per-stage mIoU P0..P4 on
-config.eval's semantic_folder split or held-out synthetic scenes.
+(config.task 'pna'): uses DIR/pna (or `--checkpoint`); per-stage mIoU P0..P4 and the last
+stage's fwIoU / mACC / pACC on config.eval's semantic_folder split or held-out synthetic
+scenes, with the reference's test protocol of the config (`config.eval.resize`,
+`iou_classes`, `mean_classes`: see jax_refine.train.evaluate_pna).
 The same code runs inside training with `config.eval_every`.
 Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints markdown tables.
 """

@@ -2,8 +2,12 @@
 pna_deeplab_v3_R_103_os16_poly_90k_bs16.yaml`): detectron2 "R-103" (ResNet-101, DeepLab
 stem, output stride 16, res5 multi-grid 1-2-4), DeepLabV3 coarse head (ASPP 6/12/18, image
 pooling 32x64 for 512x1024 crops), PNA head window 9; 19 classes (train ids, 255 = ignore);
-512x1024 crops at scale [0.5, 2], batch 16, 90k steps; hard-pixel mining (top 20%) for P0
-and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_detectron2_base.py.
+90k steps, batch 16. Training protocol exactly the reference's (train_net.py, the yamls and
+detectron2's defaults): short side one of 512, 768, ..., 2048 (long side <= 4096, PIL
+bilinear), 512x1024 crops where no class covers >= 75% (10 tries), SSD colour augmentation,
+flip; hard-pixel mining (top 20%) for P0 and P1..P4; AdamW 1e-4, weight decay 0.01 but 0 on
+norm layers, poly 0.9 without warmup, full-model gradient clipping 0.01 (torch's
+clip_grad_norm_). Model and data fields other than these as pna_detectron2_base.py.
 
     python train.py --config configs/pna_cityscapes_r101_deeplabv3.py --workdir runs/pna_cs \
       --config.dataset.data_dir=/data/tfds \
@@ -15,6 +19,11 @@ and P1..P4; AdamW 1e-4, wd 0.01, poly 0.9, clip 0.01. Other fields as pna_detect
 
 (`semantic_folder` pairs name.* with name.png across the two folders: flatten Cityscapes'
 city subfolders and give images and label maps the same stem.)
+
+Test protocol (the reference's): ResizeShortestEdge(1024, max 2048) — the identity on
+Cityscapes' 1024x2048 images, so nothing is resampled; the mIoU counts classes present in the
+labels or the predictions, as the official cityscapesscripts evaluator does (on the val set
+every class occurs, so detectron2's rule gives the same number).
 """
 
 from pathlib import Path
@@ -37,22 +46,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pool_kernel_size = (32, 64)  # crop 512x1024 / output stride 16
     config.dataset.builder_kwargs.class_names = CITYSCAPES_CLASSES
     config.eval.builder_kwargs.class_names = CITYSCAPES_CLASSES
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    config.loss.coarse_loss = "hard_pixel_mining"  # SEM_SEG_HEAD.LOSS_TYPE (DeepLabV3 head)
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # Base-PNA-{DeepLabV3-OS16,FPN}.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
+        max_size=4096,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)
+    # Biases: the weights' lr and decay (build_optimizer reads no BIAS_LR_FACTOR or
+    # WEIGHT_DECAY_BIAS). AMP (fp16 autocast) there: config.dtype here.
     config.lr_power = 0.9  # WarmupPolyLR, POLY_LR_POWER (POLY_LR_CONSTANT_ENDING 0)
     config.warmup_steps = 0  # WARMUP_ITERS 0 (WARMUP_FACTOR 1.0): no warmup
     config.warmup_ratio = 1.0  # WARMUP_FACTOR
     config.weight_decay = 0.01  # WEIGHT_DECAY, decoupled (AdamW)
-    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN scales and biases
+    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN (not the SAM LNs, see optim)
     # The reference also zeroes the decay of parameters named relative_position_bias_table,
     # absolute_pos_embed or rpn: none exists in these models (its 'rpb' decays).
     config.no_decay_keys = ()
     config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=1024, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt_or_pred"
     config.crop_size = (512, 1024)
     config.total_steps = 90_000
     config.checkpoint_every = 9_000

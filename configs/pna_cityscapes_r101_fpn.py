@@ -1,8 +1,9 @@
 """PNA, the official Cityscapes Semantic FPN setting (`configs/cityscapes/
 pna_fpn_R_103_poly_90k_bs16.yaml`): "R-103" (output stride 32, res5 multi-grid 1-2-4, inputs
 padded to multiples of 32), FPN + SemSegFPNHead coarse head, PNA head window 7; 19 classes;
-512x1024 crops at scale [0.5, 2], batch 16, 90k steps; P0 with hard-pixel mining, P1..P4
-with plain cross-entropy (as the official config). Other fields as pna_detectron2_base.py.
+detectron2 augmentation and solver as pna_cityscapes_r101_deeplabv3.py, 90k steps; P0 and
+P1..P4 with plain cross-entropy (detectron2's SemSegFPNHead ignores LOSS_TYPE: always plain
+cross-entropy; PNA_HEAD.LOSS_TYPE cross_entropy).
 
     python train.py --config configs/pna_cityscapes_r101_fpn.py --workdir runs/pna_cs_fpn \
       --config.dataset.data_dir=/data/tfds \
@@ -22,6 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.coarse_head = "semantic_fpn"
     config.model.window_sizes = (7, 7, 7, 7)
     config.model.pool_kernel_size = None
-    config.loss.coarse_loss = "hard_pixel_mining"
+    config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
     config.loss.stage_loss = "cross_entropy"
     return config

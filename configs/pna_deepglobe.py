@@ -1,51 +1,79 @@
 """PNA, the official DeepGlobe land-cover setting (`configs/deep_globe/
-pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; 508x508 crops of the
-2448x2448 images resized to a short side in [512, 2048] (scale [0.21, 0.84]), batch 16,
-4k steps; hard-pixel mining for P0 and P1..P4. Other fields as pna_detectron2_base.py.
+pna_fpn_R_52_poly_4k_bs16.yaml`): "R-52" Semantic FPN, PNA window 7; batch 16, 4k steps;
+the 2448x2448 images resized to a short side of 512, 768, ..., 2048 (PIL bilinear), 508x508
+crops where no class covers >= 75%, SSD colour, flip; plain cross-entropy for P0
+(SemSegFPNHead), hard-pixel mining for P1..P4; the detectron2 solver as
+pna_cityscapes_r101_deeplabv3.py. Other fields as pna_detectron2_base.py.
 
-Classes: the 6 land-cover classes; the 'unknown' class is ignored (label 255) in training
-and in the mIoU, as the paper reports (the official config trains it as a 7th class). The
-DeepGlobe RGB masks must be converted to PNG label maps with ids 0..5 and 255 = unknown.
+Classes: the reference's 7 (NUM_CLASSES: 7; `jax_refine.data.deepglobe`): 0 unknown,
+1 urban, 2 agriculture, 3 rangeland, 4 forest, 5 water, 6 barren — so an official DeepGlobe
+checkpoint converts and loads with this model block. Convert the DeepGlobe RGB masks to
+label maps first (python -m jax_refine.data.deepglobe SRC DST; the ID_mask.png files left in
+the image folder are reported as images without labels and skipped).
 
+Test protocol (the reference's): ResizeShortestEdge(1024, max 2048) — 2448 -> 1024, Pillow
+bilinear — logits resized back to 2448 (bilinear); detectron2's SemSegEvaluator counting
+(classes present in the labels); the paper's mIoU and mACC over the 6 land-cover classes
+1..6 (unknown excluded; P4 mIoU over all 7 is in per_class_iou).
+
+    python -m jax_refine.data.deepglobe /data/deepglobe/train /data/deepglobe/train_labels
     python train.py --config configs/pna_deepglobe.py --workdir runs/pna_deepglobe \
       --config.dataset.data_dir=/data/tfds \
-      --config.dataset.builder_kwargs.images=/data/deepglobe/train/images \
-      --config.dataset.builder_kwargs.labels=/data/deepglobe/train/labels
+      --config.dataset.builder_kwargs.images=/data/deepglobe/train \
+      --config.dataset.builder_kwargs.labels=/data/deepglobe/train_labels
+    python evaluate.py --config configs/pna_deepglobe.py --workdir runs/pna_deepglobe \
+      --config.eval.builder_kwargs.images=/data/deepglobe/test \
+      --config.eval.builder_kwargs.labels=/data/deepglobe/test_labels
 """
 
 from pathlib import Path
 
 import ml_collections
 
+from jax_refine.data import deepglobe
 from jax_refine.train.loop import load_config_file
 
-DEEPGLOBE_CLASSES = "urban,agriculture,rangeland,forest,water,barren"
+DEEPGLOBE_CLASSES = ",".join(deepglobe.CLASS_NAMES)  # 7: unknown first, as the reference
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = load_config_file(Path(__file__).with_name("pna_detectron2_base.py"))
     config.model.coarse_head = "semantic_fpn"
-    config.model.num_classes = 6
+    config.model.num_classes = len(deepglobe.CLASS_NAMES)
     config.model.window_sizes = (7, 7, 7, 7)
     config.dataset.builder_kwargs.class_names = DEEPGLOBE_CLASSES
     config.eval.builder_kwargs.class_names = DEEPGLOBE_CLASSES
-    config.augment.scale_range = (512 / 2448, 2048 / 2448)
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # pna_fpn_R_52_poly_4k_bs16.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
+        max_size=4096,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
+    config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)
+    # Biases: the weights' lr and decay (build_optimizer reads no BIAS_LR_FACTOR or
+    # WEIGHT_DECAY_BIAS). AMP (fp16 autocast) there: config.dtype here.
     config.lr_power = 0.9  # WarmupPolyLR, POLY_LR_POWER (POLY_LR_CONSTANT_ENDING 0)
     config.warmup_steps = 0  # WARMUP_ITERS 0 (WARMUP_FACTOR 1.0): no warmup
     config.warmup_ratio = 1.0  # WARMUP_FACTOR
     config.weight_decay = 0.01  # WEIGHT_DECAY, decoupled (AdamW)
-    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN scales and biases
+    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN (not the SAM LNs, see optim)
     # The reference also zeroes the decay of parameters named relative_position_bias_table,
     # absolute_pos_embed or rpn: none exists in these models (its 'rpb' decays).
     config.no_decay_keys = ()
     config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=1024, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt"
+    config.eval.mean_classes = deepglobe.LAND_COVER_CLASSES
     config.crop_size = (508, 508)
     config.total_steps = 4_000
     config.checkpoint_every = 400

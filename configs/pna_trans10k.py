@@ -1,13 +1,23 @@
 """PNA, the official Trans10k setting (`configs/trans10k/pna_fpn_R_52_poly_8k_bs16.yaml`):
 "R-52" Semantic FPN, PNA window 7 with BILINEAR upsampling of the previous prediction;
 3 classes (background, things, stuff; the paper's mIoU is over the two transparent
-classes); 512x512 crops at scale [0.5, 2] (short side 256..1024), batch 16, 8k steps;
-hard-pixel mining for P0 and P1..P4. Other fields as pna_detectron2_base.py.
+classes); batch 16, 8k steps; short side one of 256, 307, ..., 1024 (long side <= 2048, PIL
+bilinear), 512x512 crops where no class covers >= 75%, SSD colour, flip; plain
+cross-entropy for P0 (SemSegFPNHead), hard-pixel mining for P1..P4; the detectron2 solver
+as pna_cityscapes_r101_deeplabv3.py. Other fields as pna_detectron2_base.py.
+
+Test protocol (the reference's): ResizeShortestEdge(512, max 2048) with Pillow bilinear,
+logits resized back to the original size (bilinear); detectron2's SemSegEvaluator counting
+(classes present in the labels); the paper's mIoU and mACC over the two transparent classes
+(things, stuff; background excluded).
 
     python train.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
       --config.dataset.data_dir=/data/tfds \
       --config.dataset.builder_kwargs.images=/data/trans10k/train/images \
       --config.dataset.builder_kwargs.labels=/data/trans10k/train/labels
+    python evaluate.py --config configs/pna_trans10k.py --workdir runs/pna_trans10k \
+      --config.eval.builder_kwargs.images=/data/trans10k/test/images \
+      --config.eval.builder_kwargs.labels=/data/trans10k/test/labels
 """
 
 from pathlib import Path
@@ -27,22 +37,38 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.upsample_mode = "bilinear"
     config.dataset.builder_kwargs.class_names = TRANS10K_CLASSES
     config.eval.builder_kwargs.class_names = TRANS10K_CLASSES
-    config.loss.coarse_loss = "hard_pixel_mining"
-    config.loss.stage_loss = "hard_pixel_mining"
+    config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
+    config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE (Base-Semantic-FPN)
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
+    # pna_fpn_R_52_poly_8k_bs16.yaml):
+    config.augment = ml_collections.ConfigDict(dict(
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        # MIN_SIZE_TRAIN, the yaml's `eval` (256, 307, ..., 972, 1024):
+        min_sizes=tuple(int(x * 0.1 * 512) for x in range(5, 21)),
+        max_size=2048,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
     # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
     # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
     config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)
+    # Biases: the weights' lr and decay (build_optimizer reads no BIAS_LR_FACTOR or
+    # WEIGHT_DECAY_BIAS). AMP (fp16 autocast) there: config.dtype here.
     config.lr_power = 0.9  # WarmupPolyLR, POLY_LR_POWER (POLY_LR_CONSTANT_ENDING 0)
     config.warmup_steps = 0  # WARMUP_ITERS 0 (WARMUP_FACTOR 1.0): no warmup
     config.warmup_ratio = 1.0  # WARMUP_FACTOR
     config.weight_decay = 0.01  # WEIGHT_DECAY, decoupled (AdamW)
-    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN scales and biases
+    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN (not the SAM LNs, see optim)
     # The reference also zeroes the decay of parameters named relative_position_bias_table,
     # absolute_pos_embed or rpn: none exists in these models (its 'rpb' decays).
     config.no_decay_keys = ()
     config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
+    config.eval.resize = ml_collections.ConfigDict(dict(
+        mode="shortest_edge", min_size=512, max_size=2048, scale=(0, 0)))
+    config.eval.iou_classes = "gt"
+    config.eval.mean_classes = (1, 2)  # things, stuff
     config.total_steps = 8_000
     config.checkpoint_every = 800
     return config

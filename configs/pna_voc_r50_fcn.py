@@ -145,16 +145,24 @@ def get_config() -> ml_collections.ConfigDict:
     # repeatable runs on GPUs (scatter-add gradients are otherwise non-deterministic); slower.
     config.deterministic = False
 
-    # evaluate.py: per-stage mIoU on a semantic_folder split (or held-out synthetic scenes
-    # when dataset.name is 'synthetic').
+    # evaluate.py: per-stage mIoU, fwIoU, mACC, pACC on a semantic_folder split (or held-out
+    # synthetic scenes when dataset.name is 'synthetic'); see jax_refine.train.evaluate_pna.
     config.eval = ml_collections.ConfigDict()
     config.eval.data_dir = ""  # '' = dataset.data_dir
     config.eval.builder_kwargs = ml_collections.ConfigDict(dict(
         images="", labels="", class_names=VOC_CLASSES, split="val"))
-    # mmseg's test pipeline: Resize(img_scale=(2048, 512), keep_ratio=True), mode 'whole',
-    # logits resized back to the original size.
+    # Test-time resize (`evaluate_pna.ResizeProtocol`); the prediction is scored at the
+    # original size. 'none' = native size; 'shortest_edge' = detectron2's ResizeShortestEdge
+    # (min_size, max_size; Pillow bilinear); 'keep_ratio' = mmseg's Resize(img_scale=scale,
+    # keep_ratio=True) (scale = (long, short); OpenCV bilinear). This config: mmseg's test
+    # pipeline, Resize(img_scale=(2048, 512), keep_ratio=True), mode 'whole'.
     config.eval.resize = ml_collections.ConfigDict(dict(
         mode="keep_ratio", min_size=0, max_size=0, scale=(2048, 512)))
+    # Classes that count in the mIoU: 'gt_or_pred' (mmseg; a class predicted but absent from
+    # the labels scores 0) or 'gt' (detectron2's SemSegEvaluator: classes in the labels only).
+    config.eval.iou_classes = "gt_or_pred"
+    # Class ids that mIoU and mACC average over (() = all), e.g. Trans10k's (1, 2).
+    config.eval.mean_classes = ()
     config.eval.synthetic_size = 0  # synthetic only: scene side
     config.eval.num_images = 0  # 0 = all
     config.eval.num_pngs = 4  # side-by-side PNGs (image | P0 | P4 | ground truth)

@@ -20,7 +20,9 @@ overwrite an input (unless `--overwrite`); scales must be finite and positive. F
 reports every bad pair with its path and stops, or with `--skip-bad` refines the good pairs
 and prints a summary of the skipped ones. Outputs are written atomically (temporary file +
 rename); a failed single-pair run leaves no output behind. File names are matched literally
-(no glob patterns).
+(no glob patterns). Outputs and metrics follow the reference's protocol (`jax_refine.io`):
+the mask is 255 where floor(255 p) > 128, `--save-prob` PNGs hold floor(255 p), and
+`--gt` / NAME_gt.* masks are scored with > 128.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_refine.io import IMAGE_SUFFIXES, files_by_stem, read_image, read_mask, write_image
+from jax_refine.io import (
+    IMAGE_SUFFIXES,
+    binarize_mask,
+    files_by_stem,
+    probability_to_uint8,
+    read_image,
+    read_mask,
+    write_image,
+)
 from jax_refine.models import checkpoint_dir
 from jax_refine.refine import (
     CONFIG_FORMAT,
@@ -232,13 +242,18 @@ def _summary(scores: list[tuple[int, int, float]]) -> tuple[float, float]:
 
 def _write_outputs(job: Job, prob: np.ndarray) -> np.ndarray:
     """Write the binary mask (and probability PNG); returns the binary mask. Writes both or
-    neither: if the second write fails, the first output is removed."""
-    refined = prob > 0.5
+    neither: if the second write fails, the first output is removed.
+
+    As the reference stores and scores predictions (`jax_refine.io`): the probability PNG is
+    floor(255 p) (its `test.py` `_mask.png`), the binary mask 255 where floor(255 p) > 128
+    (what its evaluation keeps of that PNG; its `_01mask.png` used p > 0.5 instead)."""
+    quantised = probability_to_uint8(prob)
+    refined = binarize_mask(quantised)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     write_image(job.out, refined.astype(np.uint8) * 255)
     if job.prob is not None:
         try:
-            write_image(job.prob, np.round(prob * 255).astype(np.uint8))
+            write_image(job.prob, quantised)
         except BaseException:
             job.out.unlink(missing_ok=True)
             raise
@@ -250,8 +265,8 @@ def _record(job: Job, coarse: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
     refined = _write_outputs(job, prob)
     record: dict[str, Any] = {"name": job.name, "output": str(job.out)}
     if job.gt is not None:
-        gt = read_mask(job.gt) > 128
-        record["before"] = _scores(coarse > 128, gt)
+        gt = binarize_mask(read_mask(job.gt))
+        record["before"] = _scores(binarize_mask(coarse), gt)
         record["after"] = _scores(refined, gt)
         (iou_0, mba_0), (iou_1, mba_1) = (_summary([record[k]]) for k in ("before", "after"))
         print(f"{job.name}: IoU {iou_0:.4f} -> {iou_1:.4f}, mBA {mba_0:.4f} -> {mba_1:.4f}")
@@ -374,7 +389,7 @@ def parse_args(argv: Sequence[str] | None = None,
     parser.add_argument("--overwrite", action="store_true",
                         help="allow an output to replace one of the input files")
     parser.add_argument("--save-prob", action="store_true",
-                        help="also write 8-bit probability PNGs (*_prob.png)")
+                        help="also write 8-bit probability PNGs floor(255 p) (*_prob.png)")
     parser.add_argument("--scales", type=_positive_finite, nargs="+",
                         default=list(DEFAULT_SCALES),
                         help="multi-resolution schedule (default: 0.125 0.25 0.5 1.0)")

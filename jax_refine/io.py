@@ -13,6 +13,14 @@ file and what was found (mode, dtype, value range):
     images, and 8- or 16-bit masks whose values are only 0 and 1;
   - 16-bit soft masks scaled by the 16-bit range (v / 257); float masks (mode F) in [0, 1].
 
+Predictions as the reference stores and scores them (`probability_to_uint8`,
+`binarize_mask`, `binarize_probability`): CRM's `test.py` saves a probability p as the 8-bit
+PNG floor(255 p) and its evaluation scripts (`eval_post*.py`) read masks as 8-bit grayscale
+and keep the pixels > 128, so a prediction is foreground when floor(255 p) > 128, i.e.
+p >= 129/255 ~ 0.506 (not p > 0.5). Ground truths and coarse masks are binarised with the
+same > 128. Every CRM metric in jax_refine (evaluate.py, the training loop's evaluation,
+the demo, the refine command line) uses these.
+
 Writers replace the destination atomically (a temporary file in the same folder, flushed,
 then `os.replace`): a full disk or a crash leaves the previous file or none, never a
 truncated one.
@@ -110,6 +118,33 @@ def read_mask(path: str | Path) -> np.ndarray:
 def _is_binary_label(array: np.ndarray) -> bool:
     """True for a 0/1 label mask (values only 0 and 1, with at least one 1)."""
     return array.size > 0 and int(array.max()) == 1 and int(array.min()) >= 0
+
+
+MASK_THRESHOLD = 128  # foreground: 8-bit value > 128 (the reference's evaluation scripts)
+
+
+def probability_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 floor(255 p), the reference's 8-bit PNG of a
+    prediction (`(p * 255).astype('uint8')` on float32, bit for bit; values outside [0, 1]
+    are clipped first). Raises ValueError on NaN."""
+    prob = np.asarray(prob, np.float32)
+    if np.isnan(prob).any():
+        raise ValueError(f"probabilities contain NaN (shape {prob.shape})")
+    return (np.clip(prob, 0, 1) * np.float32(255)).astype(np.uint8)
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """An 8-bit mask (uint8 0..255, 255 = foreground) -> bool foreground, value > 128."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8:
+        raise ValueError(f"expected an 8-bit mask (uint8 0..255), got dtype {mask.dtype}")
+    return mask > MASK_THRESHOLD
+
+
+def binarize_probability(prob: np.ndarray) -> np.ndarray:
+    """Foreground of a probability map as the reference scores it: floor(255 p) > 128
+    (p >= 129/255); bool of prob's shape."""
+    return binarize_mask(probability_to_uint8(prob))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

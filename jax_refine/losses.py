@@ -1,12 +1,14 @@
 """Training losses, organised by model. Each returns the scalar total and its named terms.
 
-CRM (reference `train.py`): with logits z, probabilities p = sigmoid(z) and a soft ground
-truth g in [0, 1], all [B, H, W, 1],
+CRM (reference `train.py`, `util/metrics_compute_crm.py`, README weights): with logits z,
+probabilities p = sigmoid(z) and the soft ground truth g = 8-bit GT / 255 in [0, 1] (as
+stored, not binarised: the reference's `ToTensor`), all [B, H, W, 1],
 
     loss = 1.0 * BCE(z, g > 0.5) + 0.5 * L1(p, g) + 0.5 * MSE(p, g)
            + 2.0 * L1(sobel(g), sobel(p)),
 
-every term a mean over all pixels (`jax_refine.ops.sobel`).
+every term a mean over all pixels (`jax_refine.ops.sobel`). Only the BCE target is binary
+(g > 0.5: 8-bit values >= 128); L1, MSE and the Sobel term see the soft g.
 
 PNA (reference `pna/pna.py`, `pna/loss.py`, detectron2's semantic heads): every prediction
 P0..P4 [B, h, w, K] is upsampled bilinearly (align_corners=False) to the label size [B, H, W]
@@ -18,8 +20,12 @@ L being 'cross_entropy' (mean over the valid pixels), 'hard_pixel_mining' (the o
 `DeepLabCE(top_k_percent_pixels=0.2)`, see `hard_pixel_cross_entropy`) or
 'cross_entropy_all' (mmseg's `CrossEntropyLoss` as the reference's mmsegmentation branch
 uses it, `avg_non_ignore=False`: the sum over the valid pixels divided by ALL pixels of the
-batch, ignored ones included). The detectron2 configs pick L per head (e.g. Cityscapes FPN:
-P0 mining, P1..P4 plain cross-entropy); the mmseg configs use 'cross_entropy_all' throughout.
+batch, ignored ones included). The detectron2 configs pick L per head: P1..P4 follow
+PNA_HEAD.LOSS_TYPE; P0 follows SEM_SEG_HEAD.LOSS_TYPE only for the DeepLabV3 coarse head
+(`DeepLabV3_PNA_Head`) — detectron2's `SemSegFPNHead.losses` always uses plain
+cross-entropy, whatever LOSS_TYPE says, so every Semantic FPN config has a 'cross_entropy' P0
+(e.g. Cityscapes FPN: P0 and P1..P4 plain cross-entropy; DeepGlobe and Trans10k: P0 plain,
+P1..P4 mining). The mmseg configs use 'cross_entropy_all' throughout.
 
 mmseg's auxiliary head (training only, `PNASegmentor.auxiliary_head`) adds
 `aux_weight * L_coarse(aux)` (its logits upsampled the same way; 0.4 in every PNA mmseg
@@ -51,7 +57,7 @@ def crm_loss_terms(logits: Array, gt: Array) -> dict[str, Array]:
 
     Args:
       logits: [B, H, W, 1] decoder logits.
-      gt: [B, H, W, 1] ground truth in [0, 1].
+      gt: [B, H, W, 1] soft ground truth in [0, 1] (8-bit GT / 255).
     """
     if logits.shape != gt.shape or logits.ndim != 4:
         raise ValueError(f"expected logits and gt of equal [B, H, W, C] shape, got "

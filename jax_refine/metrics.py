@@ -7,17 +7,22 @@
   disk of size 2r+1; the accuracy is the share of boundary pixels where prediction == GT; mBA is
   the mean over the five radii.
 * `boundary_accuracy_multiclass` — the multi-class variant (union of per-class boundaries).
-* `ConfusionMatrix` — streaming confusion matrix for semantic segmentation (mIoU).
+* `ConfusionMatrix` — streaming confusion matrix for semantic segmentation: mIoU, fwIoU, mACC,
+  pACC as detectron2's `SemSegEvaluator` or mmsegmentation's `mean_iou` define them.
 
 All functions take 2-D arrays (bool or integer); the binary ones treat nonzero as foreground.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import cv2
 import numpy as np
 
 MBA_NUM_RADII = 5
+IOU_CLASSES = ("gt_or_pred", "gt")  # which classes count in the mIoU (see ConfusionMatrix)
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,19 +157,77 @@ class ConfusionMatrix:
             gt * self.num_classes + pred, minlength=self.num_classes**2
         ).reshape(self.num_classes, self.num_classes)
 
-    def per_class_iou(self) -> np.ndarray:
-        """IoU per class, float64 [num_classes]; NaN for classes absent from GT and prediction."""
-        true_positive = np.diag(self.matrix).astype(np.float64)
-        union = self.matrix.sum(0) + self.matrix.sum(1) - true_positive
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, true_positive / union, np.nan)
+    def per_class_iou(self, iou_classes: str = "gt_or_pred") -> np.ndarray:
+        """IoU per class, float64 [num_classes]; NaN for the classes that do not count.
 
-    def mean_iou(self) -> float:
-        """Mean IoU over the classes that occur (in GT or prediction); NaN if none."""
-        per_class = self.per_class_iou()
-        return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+        `iou_classes` says which classes count, where the two reference evaluators differ:
+        'gt_or_pred' (mmsegmentation's `mean_iou`: every class with a nonzero union, so a
+        class predicted but absent from the ground truth scores 0) or 'gt' (detectron2's
+        `SemSegEvaluator`: only classes present in the ground truth).
+        """
+        if iou_classes not in IOU_CLASSES:
+            raise ValueError(f"iou_classes must be one of {IOU_CLASSES}, got {iou_classes!r}")
+        true_positive = np.diag(self.matrix).astype(np.float64)
+        in_gt = self.matrix.sum(1)
+        union = self.matrix.sum(0) + in_gt - true_positive
+        keep = union > 0 if iou_classes == "gt_or_pred" else in_gt > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(keep, true_positive / union, np.nan)
+
+    def per_class_accuracy(self) -> np.ndarray:
+        """Recall per class (correct / ground-truth pixels), float64 [num_classes]; NaN for
+        classes absent from the ground truth (both references)."""
+        in_gt = self.matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(in_gt > 0, np.diag(self.matrix) / in_gt, np.nan)
+
+    def mean_iou(self, iou_classes: str = "gt_or_pred",
+                 classes: Sequence[int] | None = None) -> float:
+        """Mean IoU over the counting classes (`per_class_iou(iou_classes)`), restricted to
+        `classes` if given (e.g. Trans10k's two transparent classes); NaN if none counts."""
+        return _nanmean(self._subset(self.per_class_iou(iou_classes), classes))
+
+    def mean_class_accuracy(self, classes: Sequence[int] | None = None) -> float:
+        """mACC: mean per-class accuracy over the classes present in the ground truth
+        (restricted to `classes` if given); NaN if none."""
+        return _nanmean(self._subset(self.per_class_accuracy(), classes))
+
+    def frequency_weighted_iou(self) -> float:
+        """fwIoU (detectron2): sum of IoU_c * |GT_c| / |GT| over the classes present in the
+        ground truth; NaN without ground-truth pixels."""
+        in_gt = self.matrix.sum(1).astype(np.float64)
+        if in_gt.sum() == 0:
+            return float("nan")
+        iou = self.per_class_iou("gt")
+        keep = in_gt > 0
+        return float(np.sum(iou[keep] * in_gt[keep]) / in_gt.sum())
 
     def pixel_accuracy(self) -> float:
-        """Share of non-ignored pixels predicted correctly."""
+        """pACC: share of non-ignored pixels predicted correctly."""
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
+
+    def summary(self, iou_classes: str = "gt_or_pred",
+                classes: Sequence[int] | None = None) -> dict[str, Any]:
+        """{'miou', 'fwiou', 'macc', 'pacc', 'per_class_iou', 'per_class_acc'}: the means as
+        floats (mIoU and mACC over `classes` if given), the per-class lists with None for the
+        classes that do not count."""
+        def listed(values: np.ndarray) -> list[float | None]:
+            return [None if np.isnan(v) else float(v) for v in values]
+
+        return {"miou": self.mean_iou(iou_classes, classes), "fwiou": self.frequency_weighted_iou(),
+                "macc": self.mean_class_accuracy(classes), "pacc": self.pixel_accuracy(),
+                "per_class_iou": listed(self.per_class_iou(iou_classes)),
+                "per_class_acc": listed(self.per_class_accuracy())}
+
+    def _subset(self, values: np.ndarray, classes: Sequence[int] | None) -> np.ndarray:
+        if classes is None or len(classes) == 0:
+            return values
+        bad = [c for c in classes if not 0 <= int(c) < self.num_classes]
+        if bad:
+            raise ValueError(f"classes {bad} outside 0..{self.num_classes - 1}")
+        return values[np.asarray(classes, np.int64)]
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

@@ -43,7 +43,7 @@ def test_perturbation_lands_just_below_target(masks):
     for seed, gt in masks(30):
         rng = np.random.default_rng(1000 + seed)
         target = rng.uniform(0.8, 1.0)
-        result = perturb_mask(gt, target, rng)
+        result = perturb_mask(gt, target, rng, iou_against="gt")
         assert result.dtype == np.uint8 and set(np.unique(result)) <= {0, 1}
         score = metrics.iou(result, gt)
         hits.append(target - 0.1 < score < target)
@@ -138,7 +138,8 @@ def test_graph_perturbation_replays_as_numpy_and_lands_below_target(tf):
     for seed, gt in training_crops(12, size=160, render=640):
         target = np.random.default_rng(seed).uniform(0.8, 1.0)
         stateless = tf.constant([seed, 5], tf.int32)
-        got = perturb(tf.constant(gt), tf.constant(target, tf.float64), stateless).numpy()
+        got = perturb(tf.constant(gt), tf.constant(target, tf.float64), stateless,
+                      iou_against="gt").numpy()
         seeds = tf.random.experimental.stateless_split(stateless, 2).numpy()
         thinned = thin_contours(gt, numpy_rng(seeds[0]))
         draws = rectangle_draws_tf(seeds[1], *gt.shape, MAX_ROUNDS * RECTANGLES_PER_ROUND)

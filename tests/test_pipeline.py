@@ -102,7 +102,7 @@ def test_crop_pads_small_images_and_mask_follows_image():
 
     image = np.zeros((20, 24, 3), np.uint8)
     image[:, 12:] = 255  # right half white = foreground
-    gt = (image[..., 0] > 0).astype(np.uint8)
+    gt = (image[..., 0] > 0).astype(np.uint8) * 255
     augment = pipeline.CrmAugment(0, crop=CROP, brightness=0, contrast=0, saturation=0,
                                   grayscale_p=0)
     for k in range(4):  # random flips: the mask must flip with the image
@@ -118,7 +118,7 @@ def test_record_source_epochs_are_permutations():
     for epoch in range(2):
         seen = sorted(int(source(epoch * 5 + j)[0][0, 0, 0]) for j in range(5))
         assert seen == list(range(5))
-    assert source(1)[1].max() in (0, 1)
+    assert source(1)[1].max() in (0, 255)  # the 8-bit GT as stored
 
 
 def _coarse(spec, gt, seed=0):
@@ -130,7 +130,7 @@ def _coarse(spec, gt, seed=0):
 def test_coarse_spec_iou_range():
     gt = np.zeros((96, 96), np.uint8)
     gt[20:70, 30:80] = 1
-    coarse = _coarse(pipeline.CoarseSpec((0.8, 0.81)), gt)
+    coarse = _coarse(pipeline.CoarseSpec((0.8, 0.81), iou_against="gt"), gt)
     assert coarse.dtype == np.float32 and set(np.unique(coarse)) <= {0.0, 1.0}
     inter = np.logical_and(coarse, gt).sum()
     union = np.logical_or(coarse, gt).sum()
@@ -168,7 +168,7 @@ def test_pna_pipeline_scale_crop_ignore_padding():
         label = np.zeros((40, 50), np.uint8)
         label[:, 25:] = 2
         records.append({"image": np.full((40, 50, 3), 100 + i, np.uint8), "label": label})
-    source = pipeline.RecordSource(records, seed=0, mask_key="label", binarize=False)
+    source = pipeline.RecordSource(records, seed=0, mask_key="label", labels=True)
     augment = pipeline.PnaAugment(0, crop=64, scale_range=(0.5, 0.6))  # always padded
     ds = pipeline.train_dataset(source, augment, global_batch_size=2)
     batch = next(pipeline.as_numpy(ds))
@@ -235,7 +235,7 @@ def test_synthetic_source_object_subsets():
         _, objects = make_scene(scene, size, size, instances=True)
         for i in np.unique(objects[objects > 0]):
             assert len(np.unique(label[objects == i])) == 1
-        assert np.all(label[objects == WIRE_ID] == 1)
+        assert np.all(label[objects == WIRE_ID] == 255)
         dropped += int(label.sum() < full_label.sum())
     assert dropped >= 3
 

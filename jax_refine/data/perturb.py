@@ -2,12 +2,14 @@
 
 * `perturb_mask` — CascadePSP/CRM training perturbation (`boundary_modification.py` +
   `de_transform.py`): contour thinning, then rounds of random dilations/erosions inside random
-  rectangles until the IoU with the ground truth falls below a target.
+  rectangles until the IoU with the thinned mask (the reference; or with the ground truth,
+  `iou_against='gt'`) falls below a target.
 * `coarse_from_lowres` — imitates a low-resolution segmenter: area-downsample, blur, a smooth
   random bias, bilinear upsample, threshold. Boundaries are blobby; thin parts are lost.
 
 Both take an explicit `numpy.random.Generator` and are deterministic given its state. Masks
-are 2-D; nonzero is foreground; results are uint8 {0, 1}.
+are 2-D; nonzero is foreground (the reference perturbs `np.array(gt) > 0.5` of the 8-bit
+GT, i.e. > 0, so a soft GT's faint pixels count); results are uint8 {0, 1}.
 
 * `perturb_mask_tf` — the same perturbation as TensorFlow graph ops for tf.data (the training
   pipelines; no GIL, so parallel map threads scale), seeded statelessly. Its random draws are
@@ -32,6 +34,7 @@ REGIONAL_REMOVE_RATE = 0.1  # share of consecutive contour vertices cut away
 VERTEX_KEEP_RATE = 0.1  # share of the remaining vertices kept
 MAX_ROUNDS = 250
 RECTANGLES_PER_ROUND = 4
+IOU_AGAINST = ("thinned", "gt")  # what the rounds' IoU stop compares with
 
 
 def _binary(mask: np.ndarray, name: str = "mask") -> np.ndarray:
@@ -160,36 +163,43 @@ def modify_rounds(
     return seg
 
 
+def _check_against(iou_against: str) -> None:
+    if iou_against not in IOU_AGAINST:
+        raise ValueError(f"iou_against must be one of {IOU_AGAINST}, got {iou_against!r}")
+
+
 def perturb_mask(
     gt: np.ndarray,
     iou_target: float,
     rng: np.random.Generator,
     *,
     max_rounds: int = MAX_ROUNDS,
+    iou_against: str = "thinned",
 ) -> np.ndarray:
-    """Degrade a ground-truth mask until its IoU with `gt` falls below `iou_target`.
+    """Degrade a ground-truth mask until its IoU falls below `iou_target`.
 
     The reference algorithm: `thin_contours`, then up to `max_rounds` rounds of 4 random
     rectangles; in each, with probability 0.25 the rectangle's centre pixel is set to 0 or 1
     (seeds for holes and islands), then the rectangle is dilated or eroded (equal odds) with a
     rect / ellipse / half-height / half-width ellipse element of size 3..9. After each round
-    the loop stops once the IoU is below the target.
-
-    One deliberate difference: the reference's stopping test compares with the
-    contour-thinned mask; here it compares with `gt` itself, so the returned mask's IoU with
-    the ground truth is below the target whenever the loop stops early (on small masks at
-    large sizes it may not get there within `max_rounds`). An empty `gt` is returned as is.
-    `perturb_mask_tf` is the same algorithm as TensorFlow graph ops (training pipelines).
+    the loop stops once the IoU is below the target: the IoU with the contour-thinned mask,
+    as the reference (`perturb_seg(thinned, iou_target)`), so the result's IoU with `gt` is
+    lower still by what the thinning cost; or, with `iou_against='gt'`, the IoU with `gt`
+    itself (the result lands just below the target whenever the loop stops early; on small
+    masks at large sizes it may not get there within `max_rounds`). An empty `gt` is
+    returned as is. `perturb_mask_tf` is the same algorithm as TensorFlow graph ops.
 
     Args:
       gt: 2-D ground truth, nonzero = foreground.
-      iou_target: stop once IoU(result, gt) < iou_target (training draws it from [0.8, 1)).
+      iou_target: stop once the IoU < iou_target (training draws it from [0.8, 1)).
       rng: the only source of randomness.
       max_rounds: round limit (250 in the reference).
+      iou_against: 'thinned' (the reference) or 'gt'.
 
     Returns:
       uint8 {0, 1} mask of gt's shape.
     """
+    _check_against(iou_against)
     truth = _binary(gt, "gt")
     if not truth.any():
         return truth.copy()
@@ -198,7 +208,8 @@ def perturb_mask(
     if height <= 2 or width <= 2:
         return seg
     rectangles = (draw_rectangle(rng, height, width) for _ in itertools.count())
-    return modify_rounds(seg, truth, iou_target, rectangles, max_rounds)
+    reference = seg.copy() if iou_against == "thinned" else truth
+    return modify_rounds(seg, reference, iou_target, rectangles, max_rounds)
 
 
 # ----------------------------------------------------------------------------- graph ops
@@ -278,10 +289,11 @@ def modify_rounds_tf(seg: Any, truth: Any, iou_target: Any, rectangles: Any,
     return tf.while_loop(cond, body, start)[1]
 
 
-def perturb_mask_tf(gt: Any, iou_target: Any, seed: Any, *, max_rounds: int = MAX_ROUNDS
-                    ) -> Any:
+def perturb_mask_tf(gt: Any, iou_target: Any, seed: Any, *, max_rounds: int = MAX_ROUNDS,
+                    iou_against: str = "thinned") -> Any:
     """`perturb_mask` as TensorFlow ops (for tf.data): uint8 [H, W] gt (nonzero =
-    foreground), float64 target, stateless int32 [2] seed -> uint8 {0, 1} [H, W].
+    foreground), float64 target, stateless int32 [2] seed -> uint8 {0, 1} [H, W];
+    `iou_against` as `perturb_mask`'s.
 
     `thin_contours` (cv2's contour tracing, no graph op) runs in a `tf.numpy_function` with a
     numpy Generator seeded from `seed`; its few calls release the GIL for their cv2 work.
@@ -290,6 +302,7 @@ def perturb_mask_tf(gt: Any, iou_target: Any, seed: Any, *, max_rounds: int = MA
     """
     import tensorflow as tf
 
+    _check_against(iou_against)
     seeds = tf.random.experimental.stateless_split(seed, 2)
     truth = tf.cast(gt != 0, tf.uint8)
 
@@ -300,7 +313,8 @@ def perturb_mask_tf(gt: Any, iou_target: Any, seed: Any, *, max_rounds: int = MA
 
     def rounds():
         rects = rectangle_draws_tf(seeds[1], height, width, max_rounds * RECTANGLES_PER_ROUND)
-        out = modify_rounds_tf(tf.cast(seg, tf.float32), tf.cast(truth, tf.float32),
+        reference = seg if iou_against == "thinned" else truth
+        out = modify_rounds_tf(tf.cast(seg, tf.float32), tf.cast(reference, tf.float32),
                                tf.cast(iou_target, tf.float64), rects, max_rounds)
         return tf.cast(out, tf.uint8)
 

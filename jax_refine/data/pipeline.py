@@ -1,12 +1,16 @@
 """tf.data training pipelines. Example k of the run is a pure function of (seed, k).
 
-CRM pipeline (paper recipe, reference `dataset/` of CascadePSP/CRM), per example:
-load (image uint8 [H, W, 3], gt uint8 [H, W]) -> pad to at least crop x crop -> random crop
-and horizontal flip of image and mask together (one stateless seed) -> colour jitter of the
-image (brightness 0.2, contrast 0.05, saturation 0.05, torchvision semantics) and random
-grayscale (p = 0.1, torchvision's default) -> coarse mask (`CoarseSpec`: `perturb_mask_tf`
-with target IoU t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) ->
-ImageNet normalisation, mask to [-1, 1], gt to {0, 1} float. The training loop's
+CRM pipeline (paper recipe, reference `dataset/online_dataset_crm.py`), per example:
+load (image uint8 [H, W, 3], gt uint8 [H, W]: the 8-bit ground truth as stored, soft
+0..255, 255 = foreground) -> pad to at least crop x crop (zeros on both sides, as
+torchvision's `RandomCrop(pad_if_needed=True)`) -> random crop and horizontal flip of image
+and mask together (one stateless seed) -> colour jitter of the image (brightness 0.2,
+contrast 0.05, saturation 0.05, torchvision semantics) and random grayscale (p = 0.1,
+torchvision's default) -> coarse mask from the binary gt > 0 (the reference's
+`np.array(gt) > 0.5` on 8-bit values; `CoarseSpec`: `perturb_mask_tf` with target IoU
+t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) -> ImageNet
+normalisation, mask to [-1, 1], gt to the soft float gt / 255 in [0, 1] (the reference's
+`ToTensor`; the losses use it soft, BCE against gt > 0.5). The training loop's
 `SyntheticSource` renders only a crop-sized window of each scene, at a random position,
 instead of the whole scene, so there the random crop is a no-op.
 
@@ -24,15 +28,18 @@ Determinism and resume: the global example number k = step * batch_size + positi
 every random choice (stateless TF ops seeded with (seed, k); the loaders' numpy Generators
 with [seed, k, tag]); no random state is shared between examples, so the batches are bitwise
 the same whatever the number of workers and threads. For a finite source, k maps to record
-perm_epoch[k % n] with epoch = k // n and perm_epoch a seeded permutation, so resuming at a
+perm_epoch[k % m] with epoch = k // m, perm_epoch a seeded permutation of the n records and
+m = n, or with `RecordSource.epoch_batch` = B the floor(n / B) * B first of them (PyTorch's
+`DataLoader(shuffle=True, drop_last=True)`, as the CRM reference trains), so resuming at a
 step only means starting the index range there — there is no iterator state to save.
 Process p of P reads positions [p * B / P, (p + 1) * B / P) of every global batch (its slice
 for `jax.make_array_from_process_local_data`).
 
-The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) applies random scaling in
-[0.5, 2], a crop padded with the ignore label 255, a flip and colour jitter to semantic
-label maps; its images stay RGB in [0, 255] (the PNA model normalises them itself, as
-detectron2 does). `SyntheticSemanticSource` renders multi-class synthetic scenes for it.
+The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) is detectron2's semantic
+segmentation augmentation (resize, category-area crop, SSD colour, flip, bottom / right
+padding with the ignore label 255; graph ops in `seg_transforms`) on semantic label maps;
+its images stay RGB in [0, 255] (the PNA model normalises them itself, as detectron2 does).
+`SyntheticSemanticSource` renders multi-class synthetic scenes for it.
 
 Query coordinates are not shipped: the train step computes the crop's pixel-centre grid once.
 """
@@ -53,6 +60,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from jax_refine.data import seg_transforms
 from jax_refine.data.perturb import coarse_from_lowres, numpy_rng, perturb_mask_tf
 from jax_refine.data.synthetic import WIRE_ID, make_scene
 
@@ -93,8 +101,8 @@ class SyntheticSource:
         kept) instead of all of them. Objects differ from the background in appearance
         (saturation), so a model trained on all-object targets can find them from the image
         alone; with unchosen objects in the background, only the mask says which is wanted.
-    Returns (image uint8 [s, s, 3], label uint8 [s, s] {0, 1}), s = window if the scene is
-    larger, else the scene's side.
+    Returns (image uint8 [s, s, 3], gt uint8 [s, s] {0, 255}, an 8-bit ground truth like
+    the records'), s = window if the scene is larger, else the scene's side.
     """
 
     seed: int
@@ -117,7 +125,7 @@ class SyntheticSource:
         if rng.random() < self.subset_prob:
             chosen = rng.random(256) < 0.5
         chosen[0], chosen[WIRE_ID] = False, True
-        return image, chosen[objects].astype(np.uint8)
+        return image, chosen[objects].astype(np.uint8) * np.uint8(255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,28 +157,37 @@ class RecordSource:
     """A finite random-access source (e.g. a TFDS `as_data_source`) visited in seeded epochs.
 
     Attributes:
-      records: sequence of dicts with 'image' uint8 [H, W, 3] and 'mask' uint8 [H, W(, 1)]
-        (nonzero / > 128 = foreground).
+      records: sequence of dicts with 'image' uint8 [H, W, 3] and `mask_key` uint8
+        [H, W(, 1)].
       seed: permutation seed.
+      mask_key: the record's mask entry.
+      labels: False (CRM): the mask is an 8-bit ground truth, returned as stored (soft,
+        0..255, 255 = foreground; a 0/1 mask is scaled to 0/255); True: a label map (class
+        ids, 255 = ignore), returned as stored.
+      epoch_batch: 0, or a batch size B: each epoch then visits only the floor(n / B) * B
+        first records of its permutation (PyTorch `DataLoader(drop_last=True)`).
     """
 
     records: Sequence[dict[str, Any]]
     seed: int
     mask_key: str = "mask"
-    binarize: bool = True
+    labels: bool = False
+    epoch_batch: int = 0
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.records)
-        epoch, offset = divmod(k, n)
+        used = n - n % self.epoch_batch if self.epoch_batch else n
+        if used == 0:
+            raise ValueError(f"{n} records hold no whole batch of {self.epoch_batch}")
+        epoch, offset = divmod(k, used)
         perm = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
         record = self.records[int(perm[offset])]
-        mask = np.asarray(record[self.mask_key])
+        mask = np.asarray(record[self.mask_key]).astype(np.uint8)
         if mask.ndim == 3:
             mask = mask[..., 0]
-        if not self.binarize:  # e.g. semantic label maps (class ids, 255 = ignore)
-            return np.asarray(record["image"]), mask.astype(np.uint8)
-        threshold = 128 if mask.max() > 1 else 0
-        return np.asarray(record["image"]), (mask > threshold).astype(np.uint8)
+        if not self.labels and mask.max() == 1:  # a 0/1 ground truth
+            mask = mask * np.uint8(255)
+        return np.asarray(record["image"]), mask
 
 
 # ----------------------------------------------------------------------------- coarse masks
@@ -190,6 +207,8 @@ class CoarseSpec:
         pixels wide at the next scale's resolution; a model trained only on binary masks
         reads the ramp as object and grows the mask at every scale.
       soft_sigma: range of that standard deviation, in crop pixels.
+      iou_against: what perturb_mask's IoU stop compares with: 'thinned' (the reference:
+        the contour-thinned mask) or 'gt'.
     """
 
     iou_range: tuple[float, float] = (0.8, 1.0)
@@ -197,10 +216,12 @@ class CoarseSpec:
     lowres_factors: tuple[float, float] = (4.0, 16.0)
     soft_prob: float = 0.0
     soft_sigma: tuple[float, float] = (0.5, 3.0)
+    iou_against: str = "thinned"
 
     def make(self, tf: Any, gt: Any, seed: Any) -> Any:
-        """float32 [H, W] in [0, 1] (binary unless blurred) from the binary GT crop (uint8
-        [H, W]) and a stateless seed (int32 [2]); TensorFlow ops, for tf.data.
+        """float32 [H, W] in [0, 1] (binary unless blurred) from the GT crop (uint8 [H, W],
+        foreground = nonzero: the reference perturbs the 8-bit GT's `gt > 0.5`, i.e. > 0)
+        and a stateless seed (int32 [2]); TensorFlow ops, for tf.data.
 
         The perturbation is `perturb_mask_tf` (graph ops but for the contour step). The
         low-resolution masks and the blur stay cv2 (`coarse_from_lowres`, cv2.GaussianBlur)
@@ -221,7 +242,8 @@ class CoarseSpec:
             return tf.reshape(out, tf.shape(gt))
 
         def perturbed():
-            return perturb_mask_tf(gt, draw(2, self.iou_range), seeds[2])
+            return perturb_mask_tf(gt, draw(2, self.iou_range), seeds[2],
+                                   iou_against=self.iou_against)
 
         coarse = tf.cast(tf.cond(u[3] < self.lowres_prob, lowres, perturbed), tf.float32)
 
@@ -274,14 +296,16 @@ class CrmAugment:
     coarse: CoarseSpec = CoarseSpec()
 
     def __call__(self, tf: Any, image: Any, gt: Any, k: Any) -> dict[str, Any]:
-        """image uint8 [H, W, 3], gt uint8 [H, W] {0, 1}, k int64 -> one training example."""
+        """image uint8 [H, W, 3], gt uint8 [H, W] 0..255 (8-bit, soft), k int64 -> one
+        training example {'image', 'mask' in [-1, 1], 'gt' = gt / 255}, float32."""
         base = tf.stack([tf.constant(self.seed, tf.int64), k])
         seeds = tf.random.experimental.stateless_split(tf.cast(base, tf.int64), 7)
         seeds = tf.cast(seeds, tf.int32)
         both = tf.concat([image, gt[..., None]], axis=-1)
-        h, w = tf.shape(both)[0], tf.shape(both)[1]
-        both = tf.pad(both, [[0, tf.maximum(self.crop - h, 0)],
-                             [0, tf.maximum(self.crop - w, 0)], [0, 0]])
+        # torchvision pad_if_needed: crop - size zeros on *both* sides of a short axis.
+        ph = tf.maximum(self.crop - tf.shape(both)[0], 0)
+        pw = tf.maximum(self.crop - tf.shape(both)[1], 0)
+        both = tf.pad(both, [[ph, ph], [pw, pw], [0, 0]])
         # Image and mask share one crop and one flip (same stateless seeds).
         both = tf.image.stateless_random_crop(both, [self.crop, self.crop, 4], seeds[0])
         both = tf.image.stateless_random_flip_left_right(both, seeds[1])
@@ -294,53 +318,102 @@ class CrmAugment:
         return {
             "image": (rgb - mean) / std,
             "mask": (coarse[..., None] - 0.5) / 0.5,
-            "gt": tf.cast(gt_crop, tf.float32)[..., None],
+            "gt": (tf.cast(gt_crop, tf.float32) / 255.0)[..., None],
         }
+
+
+PNA_RESIZE_MODES = ("shortest_edge", "relative")
+PNA_COLOUR_MODES = ("ssd", "jitter", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class PnaAugment:
-    """PNA training transform: random scale, crop with ignore padding, flip, colour jitter.
+    """PNA training transform, detectron2's `build_sem_seg_train_aug` (`seg_transforms`).
 
-    Per example (stateless seeds from (seed, k)): scale by s ~ U[scale_range] (image
-    bilinear, label nearest), colour jitter, pad to at least crop x crop (image with the
-    ImageNet mean colour, i.e. 0 after the model's normalisation, as detectron2 pads; label
-    with `ignore_label`), random crop and horizontal flip of image and label together.
+    Per example, stateless seeds from (seed, k):
+    1. resize with PIL's BILINEAR (image) and NEAREST (label), bit-exact, to
+       'shortest_edge': a short side drawn uniformly from `min_sizes`, the long side capped
+       at `max_size` (detectron2 ResizeShortestEdge, sample style 'choice'), or
+       'relative': the image size times s ~ U[scale_range] (rounded);
+    2. crop min(crop, size) per side (detectron2 'absolute'), with the category-area rule
+       when `single_category_max_area` < 1 (RandomCrop_CategoryAreaConstraint, 10 tries,
+       `ignore_label` not counted);
+    3. colour: 'ssd' (ColorAugSSDTransform: brightness, contrast, saturation, hue on uint8),
+       'jitter' (CRM's `colour_jitter` with brightness / contrast / saturation /
+       grayscale_p) or 'none';
+    4. horizontal flip with probability 0.5;
+    5. pad at the bottom / right to crop (image with the ImageNet mean colour, 0 after the
+       model's normalisation; label with `ignore_label`), as detectron2 pads the batch.
     Output: {'image' float32 [ch, cw, 3] RGB in [0, 255] (the PNA model normalises),
-    'label' int32 [ch, cw]} for crop (ch, cw).
+    'label' int32 [ch, cw]} for crop (ch, cw). The defaults are the former jax_refine
+    recipe ('relative' [0.5, 2], no area rule, 'jitter'); the detectron2 configs set
+    the reference's values.
     """
 
     seed: int
     crop: int | tuple[int, int] = 512  # side, or (height, width) (Cityscapes: 512 x 1024)
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    resize: str = "relative"
+    min_sizes: tuple[int, ...] = ()  # 'shortest_edge': short sides (MIN_SIZE_TRAIN)
+    max_size: int = 0  # 'shortest_edge': long side cap (MAX_SIZE_TRAIN), 0 = none
+    scale_range: tuple[float, float] = (0.5, 2.0)  # 'relative'
+    single_category_max_area: float = 1.0  # CROP.SINGLE_CATEGORY_MAX_AREA, 1 = off
     ignore_label: int = 255
-    brightness: float = 0.2
+    colour: str = "jitter"
+    brightness: float = 0.2  # 'jitter' only
     contrast: float = 0.05
     saturation: float = 0.05
     grayscale_p: float = 0.0
 
+    def __post_init__(self):
+        where = f"PnaAugment({self})"
+        if self.resize not in PNA_RESIZE_MODES:
+            raise ValueError(f"{where}: resize must be one of {PNA_RESIZE_MODES}")
+        if self.colour not in PNA_COLOUR_MODES:
+            raise ValueError(f"{where}: colour must be one of {PNA_COLOUR_MODES}")
+        if self.resize == "shortest_edge" and (not self.min_sizes
+                                               or min(self.min_sizes) < 1):
+            raise ValueError(f"{where}: 'shortest_edge' needs positive min_sizes")
+        if not 0.0 < self.single_category_max_area <= 1.0:
+            raise ValueError(f"{where}: single_category_max_area must be in (0, 1]")
+
+    def _size(self, tf: Any, shape: Any, seed: Any) -> Any:
+        if self.resize == "shortest_edge":
+            sizes = tf.constant(self.min_sizes, tf.int32)
+            i = tf.random.stateless_uniform([], seed, 0, len(self.min_sizes), dtype=tf.int32)
+            return seg_transforms.shortest_edge_size(tf, shape[0], shape[1], sizes[i],
+                                                     self.max_size)
+        scale = tf.random.stateless_uniform([], seed, *self.scale_range)
+        return tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), 1)
+
     def __call__(self, tf: Any, image: Any, label: Any, k: Any) -> dict[str, Any]:
         base = tf.stack([tf.constant(self.seed, tf.int64), k])
-        seeds = tf.cast(tf.random.experimental.stateless_split(base, 7), tf.int32)
-        size = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = tf.random.stateless_uniform([], seeds[0], *self.scale_range)
-        new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
-        rgb = tf.image.resize(tf.cast(image, tf.float32) / 255.0, new, method="bilinear")
-        rgb = colour_jitter(tf, tf.clip_by_value(rgb, 0.0, 1.0), seeds[3:7], self.brightness,
-                            self.contrast, self.saturation, self.grayscale_p)
-        lbl = tf.image.resize(label[..., None], new, method="nearest")
-        mean = tf.constant(IMAGENET_MEAN)
+        seeds = tf.cast(tf.random.experimental.stateless_split(base, 4), tf.int32)
+        size = self._size(tf, tf.shape(label), seeds[0])
+        rgb = seg_transforms.resize_bilinear_pil(tf, image, size)
+        lbl = seg_transforms.resize_nearest_pil(tf, label, size)
         ch, cw = crop_hw(self.crop)
-        h, w = new[0], new[1]
-        pads = [[0, tf.maximum(ch - h, 0)], [0, tf.maximum(cw - w, 0)]]
-        rgb = tf.pad(rgb - mean, pads + [[0, 0]]) + mean
-        lbl = tf.pad(tf.cast(lbl, tf.float32), pads + [[0, 0]],
-                     constant_values=float(self.ignore_label))
-        both = tf.concat([rgb, lbl], axis=-1)
-        both = tf.image.stateless_random_crop(both, [ch, cw, 4], seeds[1])
-        both = tf.image.stateless_random_flip_left_right(both, seeds[2])
-        return {"image": both[..., :3] * 255.0,
-                "label": tf.cast(tf.round(both[..., 3]), tf.int32)}
+        y0, x0, h, w = tf.unstack(seg_transforms.category_area_crop(
+            tf, lbl, (ch, cw), seeds[1], self.single_category_max_area, self.ignore_label))
+        rgb, lbl = rgb[y0:y0 + h, x0:x0 + w], lbl[y0:y0 + h, x0:x0 + w]
+        if self.colour == "ssd":
+            draws = seg_transforms.ssd_draws(tf, seeds[2])
+            rgb = tf.cast(seg_transforms.color_aug_ssd(tf, rgb, draws), tf.float32)
+        elif self.colour == "jitter":
+            jitter_seeds = tf.random.experimental.stateless_split(seeds[2], 4)
+            rgb = 255.0 * colour_jitter(tf, tf.cast(rgb, tf.float32) / 255.0, jitter_seeds,
+                                        self.brightness, self.contrast, self.saturation,
+                                        self.grayscale_p)
+        else:
+            rgb = tf.cast(rgb, tf.float32)
+        both = tf.concat([rgb, tf.cast(lbl, tf.float32)[..., None]], axis=-1)
+        both = tf.image.stateless_random_flip_left_right(both, seeds[3])
+        pads = [[0, ch - h], [0, cw - w]]
+        mean = 255.0 * tf.constant(IMAGENET_MEAN)
+        image = tf.ensure_shape(tf.pad(both[..., :3] - mean, pads + [[0, 0]]) + mean,
+                                [ch, cw, 3])
+        label = tf.pad(tf.cast(both[..., 3], tf.int32), pads,
+                       constant_values=self.ignore_label)
+        return {"image": image, "label": tf.ensure_shape(label, [ch, cw])}
 
 
 def crop_hw(crop: int | Sequence[int]) -> tuple[int, int]:

@@ -1,19 +1,25 @@
 """CRM evaluation at full resolution with the multi-resolution Refiner.
 
-Protocol of the reference evaluation scripts: masks are 8-bit and binarised with > 128
-(coarse inputs) or nonzero (synthetic GT); IoU is dataset-level (sum of intersections / sum
-of unions over all images); mBA is the mean of the per-image mBA (images whose GT has no
-boundary are skipped, `np.nanmean`); a coarse mask whose sum is < 32 * 32 in 0..255 units
-(fewer than 4 foreground pixels) is passed through unrefined. Both the coarse and the refined
-masks are scored.
+Protocol of the reference (`test.py`, `eval_post*.py`): the coarse mask goes to the model as
+stored (8-bit, not binarised); each scale's probability p is scored as the reference scores
+its saved 8-bit PNG, foreground = floor(255 p) > 128 (`jax_refine.io.binarize_probability`);
+ground truth and coarse masks are binarised with > 128 (`io.binarize_mask`; synthetic GT is
+exact); IoU is dataset-level (sum of intersections / sum of unions over all images); mBA is
+the mean of the per-image mBA (images whose GT has no boundary are skipped, `np.nanmean`); a
+coarse mask whose 8-bit sum is < 32 * 32 (fewer than ~4 foreground pixels) is passed through
+unrefined. Both the coarse and the refined masks are scored. One deliberate difference: the
+reference's pass-through applies only to square images (its `eval_post*.py` compares the
+mask height with the image width and otherwise scores the model's output); here it applies
+to every image, as intended there.
 
 Sources: a BIG-layout folder (name_im.jpg, name_gt.png, name_seg.png) or held-out synthetic
 scenes (seeds 0..n-1, never used in training, see `jax_refine.data.pipeline`) with coarse
 masks of two kinds:
 * 'lowres': `coarse_from_lowres(gt, 16)` at full resolution;
-* 'perturb': `perturb_mask` at 512 px (IoU target 0.85), upsampled bilinearly and
-  thresholded at 0.5 — at 2048 px perturb_mask's 250 rounds of small rectangles barely
-  change the mask, so the degradation is made at the resolution the reference used.
+* 'perturb': `perturb_mask` at 512 px (IoU with the GT stopped below 0.85), upsampled
+  bilinearly and thresholded at 0.5 — at 2048 px perturb_mask's 250 rounds of small
+  rectangles barely change the mask, so the degradation is made at the resolution the
+  reference used.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ import numpy as np
 from jax_refine import metrics
 from jax_refine.data.perturb import coarse_from_lowres, perturb_mask
 from jax_refine.data.synthetic import make_scene
+from jax_refine.io import (
+    binarize_mask,
+    binarize_probability,
+    files_by_stem,
+    read_image,
+    read_mask,
+)
 
 PASS_THROUGH_SUM = 32 * 32  # in 0..255 units
 
@@ -39,13 +52,12 @@ PASS_THROUGH_SUM = 32 * 32  # in 0..255 units
 class Sample:
     name: str
     image: np.ndarray  # uint8 [H, W, 3]
-    coarse: np.ndarray  # uint8 [H, W] {0, 1}
-    gt: np.ndarray  # uint8 [H, W] {0, 1}
+    coarse: np.ndarray  # uint8 [H, W] 0..255 as stored (255 = foreground): the model input
+    gt: np.ndarray  # bool [H, W], binarised
 
 
 def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
     """Samples of a BIG-layout folder (name_im.*, name_gt.*, name_seg.*)."""
-    from jax_refine.io import files_by_stem, read_image, read_mask
     from jax_refine.refine import image_to_rgb
 
     folder = Path(folder)
@@ -62,12 +74,12 @@ def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
             matches = by_stem.get(f"{name}_{tag}")
             if not matches:
                 raise ValueError(f"{path}: missing {name}_{tag}.* in {folder}")
-            found[tag] = (read_mask(matches[0]) > 128).astype(np.uint8)
+            found[tag] = read_mask(matches[0])
         image = image_to_rgb(read_image(path))
         if image.shape[:2] != found["gt"].shape or found["gt"].shape != found["seg"].shape:
             raise ValueError(f"{path}: image {image.shape[:2]}, gt {found['gt'].shape} and "
                              f"seg {found['seg'].shape} sizes differ")
-        yield Sample(name, image, found["seg"], found["gt"])
+        yield Sample(name, image, found["seg"], binarize_mask(found["gt"]))
 
 
 def synthetic_coarse(gt: np.ndarray, kind: str, seed: int) -> np.ndarray:
@@ -80,7 +92,8 @@ def synthetic_coarse(gt: np.ndarray, kind: str, seed: int) -> np.ndarray:
         scale = min(1.0, 512 / max(h, w))
         small = cv2.resize(gt.astype(np.float32), (round(w * scale), round(h * scale)),
                            interpolation=cv2.INTER_AREA) > 0.5
-        coarse = perturb_mask(small.astype(np.uint8), 0.85, rng).astype(np.float32)
+        coarse = perturb_mask(small.astype(np.uint8), 0.85, rng, iou_against="gt")
+        coarse = coarse.astype(np.float32)
         return (cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5).astype(
             np.uint8)
     raise ValueError(f"unknown coarse kind {kind!r}; expected 'perturb' or 'lowres'")
@@ -91,32 +104,34 @@ def synthetic_scenes(num: int, size: int, kind: str) -> Iterator[Sample]:
     for seed in range(num):
         image, label = make_scene(seed, size, size)
         gt = (label > 0).astype(np.uint8)
-        yield Sample(f"scene{seed}_{kind}", image, synthetic_coarse(gt, kind, seed), gt)
+        coarse = synthetic_coarse(gt, kind, seed) * np.uint8(255)
+        yield Sample(f"scene{seed}_{kind}", image, coarse, gt.astype(bool))
 
 
 def _predictions(refiner: Any, samples: Iterator[Sample], scales: tuple[float, ...],
                  per_step: bool, chunk: int) -> Iterator[tuple[Sample, list[np.ndarray]]]:
-    """(sample, binary mask after each scored step): every scale's with `per_step`
+    """(sample, bool mask after each scored step): every scale's with `per_step`
     (`Refiner.refine_steps`, one image at a time), else only the last one, `chunk` images per
     `Refiner.refine_batch` call (grouped by shape bucket, sharded over the local devices).
-    A passed-through sample (coarse sum < PASS_THROUGH_SUM) keeps its coarse mask."""
+    Probabilities are binarised as the reference scores them (`io.binarize_probability`).
+    A passed-through sample (8-bit coarse sum < PASS_THROUGH_SUM) keeps its coarse mask."""
     samples = iter(samples)
     while batch := list(itertools.islice(samples, 1 if per_step else chunk)):
         keep = [i for i, s in enumerate(batch)
-                if int(s.coarse.astype(np.int64).sum()) * 255 >= PASS_THROUGH_SUM]
+                if int(s.coarse.sum(dtype=np.int64)) >= PASS_THROUGH_SUM]
         probs: dict[int, list[np.ndarray]] = {}
         if per_step:
-            probs = {i: refiner.refine_steps(batch[i].image, batch[i].coarse.astype(bool),
-                                             scales) for i in keep}
+            probs = {i: refiner.refine_steps(batch[i].image, batch[i].coarse, scales)
+                     for i in keep}
         elif keep:
             finals = refiner.refine_batch([batch[i].image for i in keep],
-                                          [batch[i].coarse.astype(bool) for i in keep], scales)
+                                          [batch[i].coarse for i in keep], scales)
             probs = {i: [p] for i, p in zip(keep, finals, strict=True)}
         for i, s in enumerate(batch):
             if i in probs:
-                yield s, [(p > 0.5).astype(np.uint8) for p in probs[i]]
+                yield s, [binarize_probability(p) for p in probs[i]]
             else:
-                yield s, [s.coarse] * (len(scales) if per_step else 1)
+                yield s, [binarize_mask(s.coarse)] * (len(scales) if per_step else 1)
 
 
 def evaluate_samples(
@@ -132,7 +147,8 @@ def evaluate_samples(
     """Score coarse and refined masks of `samples`; optionally write side-by-side PNGs.
 
     With `per_step`, every step of the schedule is scored too: 'steps' holds the IoU / mBA
-    of the mask after each scale (p > 0.5 of `Refiner.refine_steps`; the last is 'refined'),
+    of the mask after each scale (floor(255 p) > 128 of `Refiner.refine_steps`, as the
+    reference scores each scale's PNG; the last is 'refined'),
     which shows what each step of the cascade adds or costs. Without it (the training loop's
     evaluation), `chunk` samples at a time go through `Refiner.refine_batch` (batched and
     sharded over the devices) and 'steps' holds the last scale only. A passed-through sample
@@ -147,7 +163,7 @@ def evaluate_samples(
     mbas: dict[str, list[float]] = {k: [] for k in keys}
     pngs, count = [], 0
     for sample, steps in _predictions(refiner, samples, scales, per_step, chunk):
-        for key, pred in zip(keys, (sample.coarse, *steps), strict=True):
+        for key, pred in zip(keys, (binarize_mask(sample.coarse), *steps), strict=True):
             sums[key] += metrics.intersection_union(pred, sample.gt)
             mbas[key].append(metrics.boundary_accuracy(pred, sample.gt))
         if out_dir is not None and len(pngs) < num_pngs:
@@ -173,7 +189,7 @@ def _side_by_side(out_dir: Path, sample: Sample, refined: np.ndarray, side: int 
     h, w = sample.gt.shape
     size = (max(1, round(w * side / h)), side)
     panels = [cv2.resize(sample.image, size, interpolation=cv2.INTER_AREA)]
-    for m in (sample.coarse, refined, sample.gt):
+    for m in (binarize_mask(sample.coarse), refined, sample.gt):
         gray = cv2.resize(m.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA)
         panels.append(np.repeat(gray[..., None], 3, axis=2))
     path = out_dir / f"{sample.name}.png"

@@ -1,15 +1,27 @@
-"""PNA evaluation: the mIoU of every stage P0..P4 (the effect of the paper's Table 1).
+"""PNA evaluation: every stage P0..P4 scored as the references score the model.
 
-Protocol: full images, no resizing, batched as detectron2 batches them: `Predictor` pads
-each image at the bottom/right with the model's pixel mean (0 after normalisation) to its
-shape bucket (sides rounded up to a multiple of 64 and of the model's size divisibility),
-runs `batch_size` images of one bucket per call sharded over every device (one compilation
-per bucket, not per image size), upsamples each stage's logits bilinearly (align_corners=
-False) to the bucket size, takes the argmax on the device and crops it to the image (the
-reference's `sem_seg_postprocess`). The argmaxes are scored against the label map with a
-streaming `ConfusionMatrix` (label 255 ignored); the mIoU is over the classes present in the
-labels or the predictions of the whole set. Used by evaluate.py and by the training loop's
-`config.eval_every`.
+Protocol (`config.eval`): each test image is resized to its network size as the reference
+does (`ResizeProtocol`, `config.eval.resize`: 'none' = native size, jax_refine's default;
+'shortest_edge' = detectron2's ResizeShortestEdge with Pillow's bilinear; 'keep_ratio' =
+mmsegmentation's keep-ratio Resize with OpenCV's bilinear — both bit-exact, on the device);
+`Predictor` batches images as detectron2 pads them (bottom/right, the pixel mean, to a shape
+bucket: sides rounded up to a multiple of 64 and of the model's size divisibility), runs
+`batch_size` images of one bucket per call sharded over every device (one compilation per
+bucket, not per image size), upsamples each stage's logits bilinearly (align_corners=False)
+to the bucket, crops them to the resized image and resizes them back to the original size
+(bilinear, align_corners=False: detectron2's `sem_seg_postprocess`, mmseg's
+`whole_inference`), then takes the argmax on the device. The argmaxes are scored at the
+original size against the label map with a streaming `ConfusionMatrix` (label 255 ignored):
+mIoU, fwIoU, mACC and pACC per stage (`ConfusionMatrix.summary`), the mIoU over the classes
+that `config.eval.iou_classes` counts ('gt': detectron2's SemSegEvaluator, 'gt_or_pred':
+mmseg) and, with `config.eval.mean_classes`, mIoU and mACC over a class subset (Trans10k's
+two transparent classes, DeepGlobe's six land-cover classes). Used by evaluate.py and by the
+training loop's `config.eval_every`.
+
+Not reproduced: a reference evaluates one image per GPU, padded only to the model's size
+divisibility; the 64-px buckets here pad more, which changes the logits near the bottom/right
+border of models with global operations (image pooling, PSP, channel attention) — set
+`Predictor(bucket=...)` to the size divisibility for a per-image-exact run.
 
 Sources: a `semantic_folder` split (`config.eval.builder_kwargs`: images, labels,
 class_names, split), or, when `config.dataset.name` is 'synthetic', held-out multi-class
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -38,7 +51,8 @@ from jax_refine import metrics
 from jax_refine.data.pipeline import TRAIN_SCENE_SEED_OFFSET
 from jax_refine.data.synthetic import make_scene
 from jax_refine.models import pna as pna_lib
-from jax_refine.ops.resize import resize_bilinear
+from jax_refine.ops import image_resize
+from jax_refine.ops.resize import resize_bilinear, resize_bilinear_dynamic
 from jax_refine.train import mesh as mesh_lib
 from jax_refine.train.evaluate import write_json
 
@@ -62,7 +76,13 @@ def synthetic_samples(num: int, size: int, num_classes: int) -> Iterator[Sample]
 
 
 def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0) -> Iterator[Sample]:
-    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name')."""
+    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name').
+
+    TFDS's random-access data source decodes images with OpenCV (Pillow without it), whose
+    JPEG pixels equal Pillow's (detectron2's `read_image`) and mmcv's; TensorFlow's default
+    JPEG decoder (fast integer DCT, the tf.data training pipeline) differs from them in
+    about 65% of the pixels, by up to 5 levels (measured on noise images).
+    """
     for i in range(len(records) if not limit else min(limit, len(records))):
         r = records[i]
         label = np.asarray(r["label"])
@@ -83,21 +103,97 @@ def stage_logits_at(stage_logits: Sequence[jax.Array], padded: tuple[int, int],
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ResizeProtocol:
+    """How test images are resized before the network (`config.eval.resize`).
+
+    Modes (the prediction is always scored at the original size):
+    * 'none': native size (jax_refine's default; no resampling at all).
+    * 'shortest_edge': detectron2's `ResizeShortestEdge(min_size, max_size)` at test time:
+      the short side to `min_size` unless the long side would exceed `max_size`, then the
+      long side to `max_size`; sides rounded with int(x + 0.5); the image resampled with
+      Pillow's BILINEAR (`ResizeTransform`).
+    * 'keep_ratio': mmsegmentation's `Resize(img_scale=scale, keep_ratio=True)`: factor
+      min(max(scale) / max(H, W), min(scale) / min(H, W)), sides int(x * factor + 0.5);
+      the image resampled with OpenCV's INTER_LINEAR (`mmcv.imresize`).
+    Both references then crop the logits to the resized image and resize them bilinearly
+    (align_corners=False) to the original size before the argmax (detectron2's
+    `sem_seg_postprocess`, mmseg's `whole_inference`).
+    """
+
+    mode: str = "none"
+    min_size: int = 0
+    max_size: int = 0
+    scale: tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"eval.resize.mode must be one of {RESIZE_MODES}, got "
+                             f"{self.mode!r}")
+        if self.mode == "shortest_edge" and not (0 < self.min_size and 0 < self.max_size):
+            raise ValueError("eval.resize mode 'shortest_edge' needs min_size > 0 and "
+                             f"max_size > 0, got {self.min_size}, {self.max_size}")
+        if self.mode == "keep_ratio" and not (len(self.scale) == 2 and min(self.scale) > 0):
+            raise ValueError("eval.resize mode 'keep_ratio' needs scale=(long, short) > 0, "
+                             f"got {self.scale}")
+
+    @classmethod
+    def from_config(cls, resize: Any) -> ResizeProtocol:
+        """From a `config.eval.resize` block (None or a missing block = 'none')."""
+        if resize is None:
+            return cls()
+        return cls(mode=resize.mode, min_size=int(resize.get("min_size", 0)),
+                   max_size=int(resize.get("max_size", 0)),
+                   scale=tuple(int(v) for v in resize.get("scale", (0, 0))))
+
+    @property
+    def resampler(self) -> str:
+        """'pil' (detectron2) or 'cv2' (mmsegmentation): see `ops.image_resize`."""
+        return "cv2" if self.mode == "keep_ratio" else "pil"
+
+    def output_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the network sees for an image of (height, width)."""
+        if self.mode == "shortest_edge":
+            size = float(self.min_size)
+            scale = size / min(height, width)
+            new_h, new_w = (size, scale * width) if height < width else (scale * height, size)
+            if max(new_h, new_w) > self.max_size:
+                scale = self.max_size / max(new_h, new_w)
+                new_h, new_w = new_h * scale, new_w * scale
+            return int(new_h + 0.5), int(new_w + 0.5)
+        if self.mode == "keep_ratio":
+            factor = min(max(self.scale) / max(height, width),
+                         min(self.scale) / min(height, width))
+            return int(height * factor + 0.5), int(width * factor + 0.5)
+        return height, width
+
+
+RESIZE_MODES = ("none", "shortest_edge", "keep_ratio")
+
+
 class Predictor:
     """Per-stage argmaxes of a `PNASegmentor` for lists of images of any sizes.
 
     `predictor(variables, images)` with uint8 [H_i, W_i, 3] RGB images returns one
     [num_stages, H_i, W_i] array (uint8, or int32 with more than 256 classes) per image.
-    Images are grouped by shape bucket (see the module docstring); each call holds
-    `batch_size` images (rounded up to a multiple of the device count; unused slots are
-    padding) sharded on the mesh's 'data' axis, with the weights replicated — they are an
-    argument, so a training loop reuses the compilations with new weights.
-    `trace_count`: compilations so far (one per bucket shape).
+    Everything after the host's copy into a bucket runs in one jitted call per batch:
+    `resize` (a `ResizeProtocol`) resamples each image to its network size on the device
+    (`ops.image_resize`, bit-exact to the reference's Pillow / OpenCV), the network input is
+    padded at the bottom/right with the pixel mean (0 after normalisation) to its shape bucket
+    (sides rounded up to a multiple of 64 and of the model's size divisibility), every stage's
+    logits are upsampled bilinearly to the bucket, cropped to the resized image and resized
+    back to the original size per image (`resize_bilinear_dynamic`, traced sizes), and the
+    argmax is taken on the device. Images are grouped by (original bucket, network bucket,
+    resampled or not); each call holds `batch_size` images (rounded up to a multiple of the
+    device count; unused slots are padding) sharded on the mesh's 'data' axis, with the weights
+    replicated — they are an argument, so a training loop reuses the compilations with new
+    weights. `trace_count`: compilations so far (one per group shape).
     """
 
     def __init__(self, model: pna_lib.PNASegmentor, *, batch_size: int = 8, bucket: int = 64,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, resize: ResizeProtocol | None = None):
         self.model = model
+        self.resize = resize or ResizeProtocol()
         self.mesh = mesh or mesh_lib.make_mesh()
         devices = self.mesh.devices.size
         self.batch_size = -(-max(batch_size, 1) // devices) * devices
@@ -106,52 +202,94 @@ class Predictor:
         self.trace_count = 0
         self._data = mesh_lib.data_sharded(self.mesh)
         self._predict = jax.jit(self._predict_impl, in_shardings=(
-            mesh_lib.replicated(self.mesh), self._data), out_shardings=mesh_lib.replicated(
-            self.mesh))
+            mesh_lib.replicated(self.mesh), self._data, self._data, self._data),
+            out_shardings=mesh_lib.replicated(self.mesh))
 
-    def _predict_impl(self, variables, images):
-        """[B, Hb, Wb, 3] float32 -> [B, num_stages, Hb, Wb] argmaxes."""
+    def _predict_impl(self, variables, images, sizes, taps):
+        """uint8 [B, Hb, Wb, 3] images in their original-size bucket, int32 [B, 4] sizes
+        (network h, w, original H, W), `image_resize.resize_taps` arrays [B, ...] to the
+        network bucket (None: no resize) -> [B, num_stages, Hb, Wb] argmaxes."""
         self.trace_count += 1
-        size = images.shape[1:3]
-        logits = stage_logits_at(self.model.apply(variables, images, train=False), size, size)
-        return jnp.stack([jnp.argmax(x, axis=-1) for x in logits], axis=1).astype(self.dtype)
+        out_shape = images.shape[1:3]
+        if taps is not None:
+            images = jax.vmap(functools.partial(image_resize.resize_uint8,
+                                                resampler=self.resize.resampler))(images, taps)
+        net_shape = images.shape[1:3]
+        rows = jnp.arange(net_shape[0])[None, :, None, None] < sizes[:, 0, None, None, None]
+        cols = jnp.arange(net_shape[1])[None, None, :, None] < sizes[:, 1, None, None, None]
+        x = jnp.where(rows & cols, images.astype(jnp.float32),
+                      jnp.asarray(self.model.pixel_mean, jnp.float32))
+        logits = stage_logits_at(self.model.apply(variables, x, train=False), net_shape,
+                                 net_shape)
+        if taps is not None:  # crop to the network size, resize to the original size
+            back = jax.vmap(lambda y, s: resize_bilinear_dynamic(
+                y, out_shape, (s[0], s[1]), (s[2], s[3]), align_corners=False))
+            logits = [back(y, sizes) for y in logits]
+        return jnp.stack([jnp.argmax(y, axis=-1) for y in logits], axis=1).astype(self.dtype)
 
     def bucket_shape(self, height: int, width: int) -> tuple[int, int]:
         b = self.bucket
         return -(-height // b) * b, -(-width // b) * b
 
     def __call__(self, variables: Any, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        groups: dict[tuple[Any, ...], list[int]] = collections.defaultdict(list)
+        resampler = self.resize.resampler
+        sizes = np.ones((len(images), 4), np.int32)
+        taps_needed = np.zeros(len(images), np.int64)  # 0: no resampling
         for i, image in enumerate(images):
-            groups[self.bucket_shape(*image.shape[:2])].append(i)
+            h, w = image.shape[:2]
+            sizes[i] = (*self.resize.output_shape(h, w), h, w)
+            if tuple(sizes[i, :2]) != (h, w):
+                taps_needed[i] = image_resize.num_taps(resampler, (h, w), tuple(sizes[i, :2]))
+            groups[(self.bucket_shape(h, w), self.bucket_shape(*sizes[i, :2]),
+                    bool(taps_needed[i]))].append(i)
         out: list[np.ndarray] = [np.empty(0)] * len(images)
-        mean = np.asarray(self.model.pixel_mean, np.float32)
-        for (bh, bw), members in groups.items():
+        for (in_shape, net_shape, _), members in groups.items():
+            num_taps = int(taps_needed[members].max())  # one tap count (program) per group
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                batch = np.broadcast_to(mean, (self.batch_size, bh, bw, 3)).copy()
+                batch = np.zeros((self.batch_size, *in_shape, 3), np.uint8)
+                size = np.ones((self.batch_size, 4), np.int32)
+                taps = None
+                if num_taps:
+                    taps = [np.zeros((self.batch_size, n, num_taps), np.int32)
+                            for n in (net_shape[0], net_shape[0], net_shape[1], net_shape[1])]
                 for j, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     batch[j, :h, :w] = images[i]
-                # Every process holds the whole batch and contributes its devices' slices.
-                batch = jax.make_array_from_callback(batch.shape, self._data,
-                                                     lambda index, b=batch: b[index])
-                preds = np.asarray(self._predict(variables, batch))
+                    size[j] = sizes[i]
+                    if num_taps:
+                        for array, t in zip(taps, image_resize.resize_taps(
+                                resampler, (h, w), tuple(sizes[i, :2]), net_shape, num_taps),
+                                strict=True):
+                            array[j] = t
+                preds = np.asarray(self._predict(variables, *map(self._put, (batch, size)),
+                                                 None if taps is None else
+                                                 tuple(map(self._put, taps))))
                 for j, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     out[i] = preds[j, :, :h, :w]
         return out
 
+    def _put(self, array: np.ndarray) -> jax.Array:
+        """Every process holds the whole batch and contributes its devices' slices."""
+        return jax.make_array_from_callback(array.shape, self._data,
+                                            lambda index: array[index])
+
 
 def evaluate_samples(
     predict: Any, samples: Iterator[Sample], num_classes: int, *,
     out_dir: str | Path | None = None, num_pngs: int = 4, chunk: int = 32,
+    iou_classes: str = "gt_or_pred", mean_classes: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Per-stage confusion matrices over `samples` -> {'num_images', 'stages': {'P0':
-    {'miou', 'per_class_iou', 'pixel_accuracy'}, ...}, 'pngs'}.
+    `ConfusionMatrix.summary` (miou, fwiou, macc, pacc, per-class IoU and accuracy), ...},
+    'pngs'}.
 
     `predict(images)`: list of uint8 [H, W, 3] -> list of [num_stages, H, W] class ids (a
     `Predictor` with its weights bound); called with up to `chunk` samples at a time.
+    `iou_classes`: which classes count in the mIoU ('gt': detectron2, 'gt_or_pred': mmseg);
+    `mean_classes`: class ids that mIoU and mACC average over (empty = all).
     """
     matrices: list[metrics.ConfusionMatrix] = []
     pngs, count = [], 0
@@ -167,14 +305,8 @@ def evaluate_samples(
             count += 1
     if count == 0:
         raise ValueError("no evaluation samples")
-    stages = {}
-    for i, m in enumerate(matrices):
-        per_class = m.per_class_iou()
-        stages[f"P{i}"] = {
-            "miou": m.mean_iou(),
-            "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class],
-            "pixel_accuracy": m.pixel_accuracy(),
-        }
+    classes = tuple(int(c) for c in mean_classes) or None
+    stages = {f"P{i}": m.summary(iou_classes, classes) for i, m in enumerate(matrices)}
     return {"num_images": count, "stages": stages, "pngs": pngs}
 
 
@@ -211,20 +343,27 @@ def side_by_side(out_dir: Path, sample: Sample, first: np.ndarray, last: np.ndar
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    """| set | images | P0 | P1 | ... | mIoU (percent) of every stage, one row per set."""
+    """| set | images | P0 mIoU | ... | P4 mIoU | fwIoU | mACC | pACC | (percent), one row per
+    set; fwIoU, mACC and pACC are the last stage's (the model's prediction)."""
     names = list(next(iter(results.values()))["stages"])
-    lines = ["| set | images | " + " | ".join(f"{n} mIoU" for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]
+    extra = ("fwiou", "macc", "pacc")
+    lines = ["| set | images | " + " | ".join(f"{n} mIoU" for n in names)
+             + f" | {names[-1]} fwIoU | {names[-1]} mACC | {names[-1]} pACC |",
+             "|---|---|" + "---|" * (len(names) + len(extra))]
     for name, r in results.items():
-        values = " | ".join(f"{100 * r['stages'][n]['miou']:.2f}" for n in names)
-        lines.append(f"| {name} | {r['num_images']} | {values} |")
+        last = r["stages"][names[-1]]
+        values = [r["stages"][n]["miou"] for n in names] + [last[k] for k in extra]
+        lines.append(f"| {name} | {r['num_images']} | "
+                     + " | ".join(f"{100 * v:.2f}" for v in values) + " |")
     return "\n".join(lines)
 
 
 def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, variables: Any,
                    out_dir: str | Path) -> dict[str, Any]:
     """Evaluate `predictor.model` with `variables` on `config.eval`'s set (held-out synthetic
-    scenes when config.dataset is synthetic, else a `semantic_folder` split).
+    scenes when config.dataset is synthetic, else a `semantic_folder` split), with the
+    predictor's resize protocol (`predictor_for(config, model)` reads it from
+    config.eval.resize) and config.eval's `iou_classes` and `mean_classes`.
 
     Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
     metrics by set.
@@ -249,9 +388,11 @@ def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, vari
         samples = folder_samples(records, e.num_images)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: evaluate_samples(lambda images: predictor(variables, images), samples,
-                                      num_classes, out_dir=out_dir / "pngs",
-                                      num_pngs=e.num_pngs, chunk=4 * predictor.batch_size)}
+    results = {name: evaluate_samples(
+        lambda images: predictor(variables, images), samples, num_classes,
+        out_dir=out_dir / "pngs", num_pngs=e.num_pngs, chunk=4 * predictor.batch_size,
+        iou_classes=e.get("iou_classes", "gt_or_pred"),
+        mean_classes=tuple(e.get("mean_classes", ())))}
     write_json(out_dir / "metrics.json", results)
     return results
 
@@ -261,5 +402,10 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path,
     """Evaluate a PNA checkpoint (`models.pna.save_checkpoint`) as `config.eval` says
     (`evaluate_model`; `config.eval.batch_size` images per call, default 8)."""
     model, variables, _ = pna_lib.load_checkpoint(checkpoint)
-    predictor = Predictor(model, batch_size=config.eval.get("batch_size", 8))
-    return evaluate_model(config, predictor, variables, out_dir)
+    return evaluate_model(config, predictor_for(config, model), variables, out_dir)
+
+
+def predictor_for(config: ml_collections.ConfigDict, model: pna_lib.PNASegmentor) -> Predictor:
+    """The `Predictor` of config.eval: `batch_size` (default 8) and the `resize` protocol."""
+    return Predictor(model, batch_size=config.eval.get("batch_size", 8),
+                     resize=ResizeProtocol.from_config(config.eval.get("resize")))

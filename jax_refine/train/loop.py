@@ -103,7 +103,7 @@ def _crm_augment(config: ml_collections.ConfigDict) -> pipeline.CrmAugment:
         seed=config.seed,
         crop=config.crop_size,
         coarse=pipeline.CoarseSpec(tuple(c.iou_range), c.lowres_prob, tuple(c.lowres_factors),
-                                   c.soft_prob, tuple(c.soft_sigma)),
+                                   c.soft_prob, tuple(c.soft_sigma), c.iou_against),
     )
 
 
@@ -153,12 +153,16 @@ def _pna_model(config: ml_collections.ConfigDict) -> Any:
 
 
 def _pna_augment(config: ml_collections.ConfigDict) -> pipeline.PnaAugment:
-    a = config.augment
-    return pipeline.PnaAugment(
-        seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
-        scale_range=tuple(a.scale_range),
-        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
-    )
+    """`pipeline.PnaAugment` of config.augment; fields it lacks keep PnaAugment's defaults."""
+    fields = {f.name for f in dataclasses.fields(pipeline.PnaAugment)} - {"seed", "crop"}
+    kwargs = {k: tuple(v) if isinstance(v, list | tuple) else v
+              for k, v in config.augment.items() if k in fields}
+    unknown = set(config.augment.keys()) - fields
+    if unknown:
+        raise ValueError(f"config.augment: unknown PnaAugment fields {sorted(unknown)} "
+                         f"(known: {sorted(fields)})")
+    return pipeline.PnaAugment(seed=config.seed, crop=pipeline.crop_hw(config.crop_size),
+                               **kwargs)
 
 
 def _pna_optimizer(config: ml_collections.ConfigDict, model: Any):
@@ -190,8 +194,7 @@ def _pna_export(config, directory, model, variables) -> None:
 def _pna_evaluator(config, model):
     """Per-stage mIoU on config.eval's set (`evaluate_pna.evaluate_model`, as evaluate.py),
     batched and sharded over every device, one compilation per shape bucket for the run."""
-    predictor = evaluate_pna.Predictor(pna_lib.build_pna(**pna_build_kwargs(config)),
-                                       batch_size=config.eval.get("batch_size", 8))
+    predictor = evaluate_pna.predictor_for(config, pna_lib.build_pna(**pna_build_kwargs(config)))
     return functools.partial(evaluate_pna.evaluate_model, config, predictor)
 
 
@@ -220,7 +223,8 @@ TASKS = {
         synthetic_source=lambda c: pipeline.SyntheticSource(
             c.seed, c.dataset.min_size, c.dataset.max_size, window=c.crop_size,
             subset_prob=c.dataset.subset_prob),
-        record_kwargs=lambda c: {},
+        # 8-bit soft GT; epochs of whole batches, as the reference's DataLoader(drop_last)
+        record_kwargs=lambda c: {"epoch_batch": c.batch_size},
         augment=_crm_augment,
         optimizer=_crm_optimizer,
         train_step=_crm_train_step,
@@ -235,7 +239,7 @@ TASKS = {
         synthetic_source=lambda c: pipeline.SyntheticSemanticSource(
             c.seed, c.dataset.min_size, c.dataset.max_size, c.dataset.num_classes),
         # semantic label maps: class ids, 255 = ignore
-        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "binarize": False},
+        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "labels": True},
         augment=_pna_augment,
         optimizer=_pna_optimizer,
         train_step=_pna_train_step,
@@ -335,7 +339,7 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
 
 def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Flat TensorBoard scalars of an evaluation's results by set: CRM
-    'eval/SET/{coarse,refined}_{iou,mba}', PNA 'eval/SET/P<i>_miou'."""
+    'eval/SET/{coarse,refined}_{iou,mba}', PNA 'eval/SET/P<i>_{miou,fwiou,macc,pacc}'."""
     out = {}
     for name, r in results.items():
         for kind in ("coarse", "refined"):
@@ -343,7 +347,8 @@ def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
                 if kind in r:
                     out[f"eval/{name}/{kind}_{metric}"] = r[kind][metric]
         for stage, m in r.get("stages", {}).items():
-            out[f"eval/{name}/{stage}_miou"] = m["miou"]
+            for metric in ("miou", "fwiou", "macc", "pacc"):
+                out[f"eval/{name}/{stage}_{metric}"] = m[metric]
     return out
 
 

@@ -2,7 +2,10 @@
 
 CRM (paper / reference `train.py`): PyTorch `Adam(weight_decay=wd)`, i.e. L2 decay *added to
 the gradient before* Adam's moment scaling (not AdamW), with a piecewise-constant learning
-rate multiplied by `lr_decay_factor` at each boundary.
+rate multiplied by `lr_decay_factor` at each boundary: the reference's `MultiStepLR`, stepped
+once per iteration, so 0-based step s runs at lr * factor ** (number of boundaries <= s),
+which is optax's `piecewise_constant_schedule` on the step count. Its run length is
+`whole_epoch_steps`.
 
 PNA (`pna_optimizer`): the detectron2 reference's `Trainer.build_optimizer` (PNA repo
 `train_net.py`) and mmseg's AdamW + `paramwise_cfg`, one implementation:
@@ -30,8 +33,25 @@ import optax
 from jax_refine.layers.restormer import RestormerBlock
 
 
+def whole_epoch_steps(iterations: int, num_examples: int, batch_size: int) -> int:
+    """The CRM reference's run length: `iterations` rounded to whole epochs.
+
+    Its `train.py` runs total_epoch = int(iterations / len(loader) + 0.5) full epochs of
+    len(loader) = num_examples // batch_size batches (`DataLoader(drop_last=True)`), so it
+    stops at a multiple of the epoch, not at `iterations`: with its default 45,000 and its
+    36,572 training pairs at batch 12, 15 epochs of 3,047 = 45,705 steps (its released
+    model is `model_45705`).
+    """
+    per_epoch = num_examples // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{num_examples} examples hold no whole batch of {batch_size}")
+    return int(iterations / per_epoch + 0.5) * per_epoch
+
+
 def piecewise_boundaries(total_steps: int, fractions: Sequence[float]) -> list[int]:
-    """Boundaries at fractions of the run (the paper's 22,500 / 37,500 of 45,000 = 0.5, 5/6)."""
+    """Boundaries at fractions of the run, rounded to steps (the CRM reference's milestones
+    22,500 and 37,500 of its 45,705 steps are the fractions 22,500 / 45,705 and
+    37,500 / 45,705)."""
     return [int(round(f * total_steps)) for f in fractions]
 
 
@@ -49,7 +69,7 @@ def crm_schedule(
 def crm_optimizer(
     learning_rate: float,
     total_steps: int,
-    boundary_fractions: Sequence[float] = (0.5, 37_500 / 45_000),
+    boundary_fractions: Sequence[float] = (22_500 / 45_705, 37_500 / 45_705),
     decay_factor: float = 0.1,
     weight_decay: float = 1e-4,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -122,7 +122,8 @@ def crm_train_step(
     query_windows: int = 1,
     boundary_windows: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update on batch {'image' [B,H,W,3], 'mask' [B,H,W,1] in [-1,1], 'gt' [B,H,W,1]}.
+    """One update on batch {'image' [B,H,W,3], 'mask' [B,H,W,1] in [-1,1], 'gt' [B,H,W,1]
+    soft in [0, 1]} (float32, `pipeline.CrmAugment`).
 
     `query_size`: None (or 0) queries every pixel centre of the crop (the paper). q supervises
     each example on `query_windows` q x q windows of those pixel centres only, placed by
