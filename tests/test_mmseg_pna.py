@@ -4,10 +4,10 @@ mirror's logits (P0..P4 and the mmseg output) at an odd image size; float32, `hi
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from quick_compile import quick_jit
 
 torch = pytest.importorskip("torch")
 
@@ -81,7 +81,7 @@ def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
         return outs, pna_lib.final_logits(outs[-1], x.shape[1:3], mode="mmseg")
 
     x = jnp.asarray(image)
-    outs, final = quick_jit(forward, variables, x)(variables, x)
+    outs, final = jax.jit(forward)(variables, x)
     for got, ref in zip(outs, want, strict=True):
         ref = ref.numpy().transpose(0, 2, 3, 1)
         assert got.shape == ref.shape
