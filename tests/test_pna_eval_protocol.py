@@ -211,7 +211,9 @@ def test_cityscapes_configs_evaluate_as_the_reference():
     for name in ("pna_cityscapes_r101_deeplabv3", "pna_cityscapes_r101_fpn"):
         resize = load_config(name).eval.resize
         assert (resize.mode, resize.min_size, resize.max_size) == ("shortest_edge", 1024, 2048)
-    assert load_config("pna_voc_r50_fcn").eval.resize.mode == "none"
+    voc = load_config("pna_voc_r50_fcn").eval.resize  # mmseg's test pipeline
+    assert (voc.mode, tuple(voc.scale)) == ("keep_ratio", (2048, 512))
+    assert load_config("pna_detectron2_base").eval.resize.mode == "none"
 
 
 def test_deepglobe_rgb_masks_map_to_the_reference_classes(tmp_path):
