@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_helpers import default_xla_env
 
 from jax_refine.train import optim, step
 
@@ -131,8 +132,9 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 
 def run_forced_devices(code: str, devices: int, timeout: int = 600) -> str:
-    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    # The default optimisation level: the tolerances below are its summation-order noise.
+    env = dict(default_xla_env(f"--xla_force_host_platform_device_count={devices}"),
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

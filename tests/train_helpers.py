@@ -4,6 +4,7 @@ compilation cache for modules whose runs compile the same programs again."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import jax
@@ -25,6 +26,18 @@ TINY = {
     "checkpoint_every": 2,
     "log_every": 1,
 }
+
+
+def default_xla_env(extra_flags: str = "") -> dict[str, str]:
+    """os.environ for a subprocess at XLA:CPU's default optimisation level (conftest lowers
+    it for speed) plus `extra_flags`: for tests of compile caching and of float32
+    summation-order agreement, whose figures are the users' level's."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+    env["XLA_FLAGS"] = f"{flags} {extra_flags}".strip()
+    if not env["XLA_FLAGS"]:
+        del env["XLA_FLAGS"]  # (XLA reads a blank value as the name of a flag file)
+    return env
 
 
 def load_config(name: str = "crm_synthetic"):
