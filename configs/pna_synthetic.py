@@ -47,10 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.total_steps = 600
     config.learning_rate = 2e-3
     config.clip_norm = 1.0
-    config.warmup_steps = 0  # no warmup
-    config.warmup_ratio = 1.0
-    config.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
-    config.no_decay_keys = ()
     config.log_every = 10
     config.checkpoint_every = 100
 

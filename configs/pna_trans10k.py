@@ -49,22 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
         single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
         colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
     ))  # then RandomFlip (horizontal, p 0.5)
-    # Solver (detectron2 `Trainer.build_optimizer` of the PNA repo's train_net.py and
-    # Base-{DeepLabV3-OS16-Semantic,Semantic-FPN}.yaml SOLVER; detectron2's defaults):
-    config.learning_rate = 1e-4  # BASE_LR, AdamW (OPTIMIZER 'ADAMW', betas 0.9 / 0.999)
-    # Biases: the weights' lr and decay (build_optimizer reads no BIAS_LR_FACTOR or
-    # WEIGHT_DECAY_BIAS). AMP (fp16 autocast) there: config.dtype here.
-    config.lr_power = 0.9  # WarmupPolyLR, POLY_LR_POWER (POLY_LR_CONSTANT_ENDING 0)
-    config.warmup_steps = 0  # WARMUP_ITERS 0 (WARMUP_FACTOR 1.0): no warmup
-    config.warmup_ratio = 1.0  # WARMUP_FACTOR
-    config.weight_decay = 0.01  # WEIGHT_DECAY, decoupled (AdamW)
-    config.weight_decay_norm = 0.0  # WEIGHT_DECAY_NORM: BN / GN / LN (not the SAM LNs, see optim)
-    # The reference also zeroes the decay of parameters named relative_position_bias_table,
-    # absolute_pos_embed or rpn: none exists in these models (its 'rpb' decays).
-    config.no_decay_keys = ()
-    config.clip_norm = 0.01  # CLIP_GRADIENTS: 'full_model', L2 norm 0.01
-    config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
-    config.batch_size = 16  # IMS_PER_BATCH
     config.eval.resize = ml_collections.ConfigDict(dict(
         mode="shortest_edge", min_size=512, max_size=2048, scale=(0, 0)))
     config.eval.iou_classes = "gt"
