@@ -7,14 +7,14 @@ test.sh uses 4 GPUs), checkpoints every 4k iterations. Test mode as VOC: Resize 
 (2048, 512), logits resized back.
 
 Labels: mmseg's tools/convert_datasets/coco_stuff10k.py writes *_labelTrainIds.png with ids
-1..171 and 0 = unlabeled, and the dataset sets reduce_zero_label=True (0 -> 255, k -> k - 1).
-jax_refine's semantic_folder reads class ids 0..170 with 255 = ignore: apply that mapping to
-the PNGs when preparing the folders.
+1..171 and 0 = unlabeled, and the dataset sets reduce_zero_label=True (0 -> 255, k -> k - 1);
+so does this config (`config.dataset.reduce_zero_label`, applied by the training loader and
+by the evaluation): point the folders at those PNGs as they are.
 
     python train.py --config configs/pna_cocostuff10k_r50_deeplabv3.py --workdir runs/cocostuff \
       --config.dataset.data_dir=/data/tfds \
       --config.dataset.builder_kwargs.images=/data/coco_stuff10k/images/train2014 \
-      --config.dataset.builder_kwargs.labels=/data/coco_stuff10k/labels_reduced/train2014 \
+      --config.dataset.builder_kwargs.labels=/data/coco_stuff10k/annotations/train2014 \
       --config.init_from=/data/resnet50_v1c.pth
 """
 
@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 171
     config.dataset.builder_kwargs.class_names = COCO_STUFF_CLASSES
     config.eval.builder_kwargs.class_names = COCO_STUFF_CLASSES
+    config.dataset.reduce_zero_label = True  # LoadAnnotations(reduce_zero_label=True)
     config.total_steps = 40_000  # mmseg schedule_40k
     config.warmup_steps = 400
     config.checkpoint_every = 4_000

@@ -16,11 +16,12 @@ configs/pna/pna_fcn_r50-d32_512x512_20k_voc.py, reproduced key by key:
   iterations from 1e-6 * lr (mmcv), no gradient clipping, no backbone lr multiplier.
   The reference trains in fp16 with a dynamic loss scale (mmcv Fp16OptimizerHook);
   here float32 (config.dtype = 'bfloat16' is the accelerator-friendly alternative).
-* data: VOC 2012 + SBD aug (10,582 images, 21 classes), mmseg's pipeline: Resize to
-  img_scale (2048, 512) x ratio U[0.5, 2.0] (keep ratio), RandomCrop 512x512 (cat_max_ratio
-  0.75), flip, PhotoMetricDistortion, pad with 255; batch 16 = 4 per GPU x 4 GPUs (the
-  reference README's training runs on 4 GPUs; train.sh's DeepLabV3 run uses 8 x 2, also 16).
-  jax_refine's `PnaAugment` is the current stand-in for that pipeline (scale_range below).
+* data: VOC 2012 + SBD aug (10,582 images, 21 classes), mmseg's pipeline (`config.augment`,
+  `PnaAugment` in its mmseg modes, rule by rule): Resize to img_scale (2048, 512) x ratio
+  U[0.5, 2.0] (keep ratio, OpenCV bilinear / nearest), RandomCrop 512x512 (cat_max_ratio
+  0.75), flip, PhotoMetricDistortion, Pad (image 0 after normalisation, label 255); batch
+  16 = 4 per GPU x 4 GPUs (the reference README's training runs on 4 GPUs; train.sh's
+  DeepLabV3 run uses 8 x 2, also 16).
 * test: mmseg's 'whole' mode: Resize keep_ratio to img_scale (2048, 512), logits resized back
   to the original image (`config.eval.resize`); the output of a PNA model is its last stage
   resized straight to the input size (`models.pna.final_logits(mode='mmseg')`).
@@ -104,10 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.min_size = 0  # synthetic only: scene side range and object classes
     config.dataset.max_size = 0
     config.dataset.num_classes = 0
+    # mmseg LoadAnnotations(reduce_zero_label): label 0 -> 255, k -> k - 1, in the training
+    # loader and in evaluation (COCO-Stuff's label maps hold ids 1..171, 0 = unlabelled).
+    config.dataset.reduce_zero_label = False
 
-    # PnaAugment: scale ~ U[scale_range], crop with ignore padding, flip, colour jitter.
+    # PnaAugment fields: mmseg's Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0)),
+    # RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(0.5), PhotoMetricDistortion,
+    # Pad(crop_size, pad_val=0, seg_pad_val=255).
     config.augment = ml_collections.ConfigDict(dict(
-        scale_range=(0.5, 2.0), brightness=0.2, contrast=0.05, saturation=0.05))
+        resize="mmseg_ratio", img_scale=(2048, 512), scale_range=(0.5, 2.0),
+        single_category_max_area=0.75, crop_rule="mmseg", colour="mmseg"))
     # losses.pna_loss: loss type of P0 (and of the auxiliary head) and of P1..P4, weights.
     config.loss = ml_collections.ConfigDict(dict(
         coarse_loss="cross_entropy_all", stage_loss="cross_entropy_all", coarse_weight=1.0,

@@ -37,7 +37,9 @@ for `jax.make_array_from_process_local_data`).
 
 The PNA pipeline (`PnaAugment`, same `train_dataset` indexing) is detectron2's semantic
 segmentation augmentation (resize, category-area crop, SSD colour, flip, bottom / right
-padding with the ignore label 255; graph ops in `seg_transforms`) on semantic label maps;
+padding with the ignore label 255; graph ops in `seg_transforms`) or mmsegmentation's
+(keep-ratio Resize with a ratio range, OpenCV's resize in a `tf.numpy_function`, RandomCrop
+with cat_max_ratio, flip, PhotoMetricDistortion, Pad) on semantic label maps;
 its images stay RGB in [0, 255] (the PNA model normalises them itself, as detectron2 does).
 `SyntheticSemanticSource` renders multi-class synthetic scenes for it.
 
@@ -166,6 +168,8 @@ class RecordSource:
         ids, 255 = ignore), returned as stored.
       epoch_batch: 0, or a batch size B: each epoch then visits only the floor(n / B) * B
         first records of its permutation (PyTorch `DataLoader(drop_last=True)`).
+      reduce_zero_label: label maps only: mmseg's LoadAnnotations(reduce_zero_label=True)
+        (`seg_transforms.reduce_zero_label`: 0 -> 255, k -> k - 1; COCO-Stuff's ids 1..171).
     """
 
     records: Sequence[dict[str, Any]]
@@ -173,6 +177,7 @@ class RecordSource:
     mask_key: str = "mask"
     labels: bool = False
     epoch_batch: int = 0
+    reduce_zero_label: bool = False
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.records)
@@ -187,6 +192,8 @@ class RecordSource:
             mask = mask[..., 0]
         if not self.labels and mask.max() == 1:  # a 0/1 ground truth
             mask = mask * np.uint8(255)
+        if self.labels and self.reduce_zero_label:
+            mask = seg_transforms.reduce_zero_label(mask)
         return np.asarray(record["image"]), mask
 
 
@@ -322,32 +329,39 @@ class CrmAugment:
         }
 
 
-PNA_RESIZE_MODES = ("shortest_edge", "relative")
-PNA_COLOUR_MODES = ("ssd", "jitter", "none")
+PNA_RESIZE_MODES = ("shortest_edge", "relative", "mmseg_ratio")
+PNA_COLOUR_MODES = ("ssd", "mmseg", "jitter", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class PnaAugment:
-    """PNA training transform, detectron2's `build_sem_seg_train_aug` (`seg_transforms`).
+    """PNA training transform: detectron2's `build_sem_seg_train_aug` or mmsegmentation's
+    train_pipeline (`seg_transforms`).
 
     Per example, stateless seeds from (seed, k):
     1. resize with PIL's BILINEAR (image) and NEAREST (label), bit-exact, to
        'shortest_edge': a short side drawn uniformly from `min_sizes`, the long side capped
        at `max_size` (detectron2 ResizeShortestEdge, sample style 'choice'), or
-       'relative': the image size times s ~ U[scale_range] (rounded);
-    2. crop min(crop, size) per side (detectron2 'absolute'), with the category-area rule
-       when `single_category_max_area` < 1 (RandomCrop_CategoryAreaConstraint, 10 tries,
-       `ignore_label` not counted);
+       'relative': the image size times s ~ U[scale_range] (rounded); or with OpenCV's
+       INTER_LINEAR (image) and INTER_NEAREST (label) to
+       'mmseg_ratio': mmseg's Resize(img_scale, ratio_range=scale_range, keep_ratio=True):
+       the keep-ratio size fitting `img_scale` (long, short) times r ~ U[scale_range];
+    2. crop min(crop, size) per side, with the category-area rule when
+       `single_category_max_area` < 1 (`ignore_label` not counted): `crop_rule`
+       'detectron2' (RandomCrop_CategoryAreaConstraint, 10 tries) or 'mmseg'
+       (RandomCrop(cat_max_ratio): 10 checked tries, then an 11th window unchecked);
     3. colour: 'ssd' (ColorAugSSDTransform: brightness, contrast, saturation, hue on uint8),
-       'jitter' (CRM's `colour_jitter` with brightness / contrast / saturation /
-       grayscale_p) or 'none';
+       'mmseg' (PhotoMetricDistortion: the same but hue shifts in [-18, 17]), 'jitter'
+       (CRM's `colour_jitter` with brightness / contrast / saturation / grayscale_p) or
+       'none';
     4. horizontal flip with probability 0.5;
     5. pad at the bottom / right to crop (image with the ImageNet mean colour, 0 after the
-       model's normalisation; label with `ignore_label`), as detectron2 pads the batch.
+       model's normalisation — detectron2's batch padding and mmseg's Pad(pad_val=0) after
+       Normalize; label with `ignore_label`).
     Output: {'image' float32 [ch, cw, 3] RGB in [0, 255] (the PNA model normalises),
     'label' int32 [ch, cw]} for crop (ch, cw). The defaults are the former jax_refine
-    recipe ('relative' [0.5, 2], no area rule, 'jitter'); the detectron2 configs set
-    the reference's values.
+    recipe ('relative' [0.5, 2], no area rule, 'jitter'); the detectron2 and mmseg configs
+    set their reference's values.
     """
 
     seed: int
@@ -355,8 +369,11 @@ class PnaAugment:
     resize: str = "relative"
     min_sizes: tuple[int, ...] = ()  # 'shortest_edge': short sides (MIN_SIZE_TRAIN)
     max_size: int = 0  # 'shortest_edge': long side cap (MAX_SIZE_TRAIN), 0 = none
-    scale_range: tuple[float, float] = (0.5, 2.0)  # 'relative'
-    single_category_max_area: float = 1.0  # CROP.SINGLE_CATEGORY_MAX_AREA, 1 = off
+    scale_range: tuple[float, float] = (0.5, 2.0)  # 'relative'; 'mmseg_ratio': ratio_range
+    img_scale: tuple[int, int] = (2048, 512)  # 'mmseg_ratio': (long, short) at ratio 1
+    # CROP.SINGLE_CATEGORY_MAX_AREA / mmseg cat_max_ratio, 1 = off
+    single_category_max_area: float = 1.0
+    crop_rule: str = "detectron2"  # or 'mmseg' (seg_transforms.CROP_RULES)
     ignore_label: int = 255
     colour: str = "jitter"
     brightness: float = 0.2  # 'jitter' only
@@ -373,6 +390,8 @@ class PnaAugment:
         if self.resize == "shortest_edge" and (not self.min_sizes
                                                or min(self.min_sizes) < 1):
             raise ValueError(f"{where}: 'shortest_edge' needs positive min_sizes")
+        if self.crop_rule not in seg_transforms.CROP_RULES:
+            raise ValueError(f"{where}: crop_rule must be one of {seg_transforms.CROP_RULES}")
         if not 0.0 < self.single_category_max_area <= 1.0:
             raise ValueError(f"{where}: single_category_max_area must be in (0, 1]")
 
@@ -382,6 +401,9 @@ class PnaAugment:
             i = tf.random.stateless_uniform([], seed, 0, len(self.min_sizes), dtype=tf.int32)
             return seg_transforms.shortest_edge_size(tf, shape[0], shape[1], sizes[i],
                                                      self.max_size)
+        if self.resize == "mmseg_ratio":
+            scale = seg_transforms.mmseg_ratio_scale(tf, self.img_scale, self.scale_range, seed)
+            return seg_transforms.mmcv_rescale_size(tf, shape[0], shape[1], scale)
         scale = tf.random.stateless_uniform([], seed, *self.scale_range)
         return tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), 1)
 
@@ -389,14 +411,18 @@ class PnaAugment:
         base = tf.stack([tf.constant(self.seed, tf.int64), k])
         seeds = tf.cast(tf.random.experimental.stateless_split(base, 4), tf.int32)
         size = self._size(tf, tf.shape(label), seeds[0])
-        rgb = seg_transforms.resize_bilinear_pil(tf, image, size)
-        lbl = seg_transforms.resize_nearest_pil(tf, label, size)
+        if self.resize == "mmseg_ratio":
+            rgb, lbl = seg_transforms.resize_cv2(tf, image, label, size)
+        else:
+            rgb = seg_transforms.resize_bilinear_pil(tf, image, size)
+            lbl = seg_transforms.resize_nearest_pil(tf, label, size)
         ch, cw = crop_hw(self.crop)
         y0, x0, h, w = tf.unstack(seg_transforms.category_area_crop(
-            tf, lbl, (ch, cw), seeds[1], self.single_category_max_area, self.ignore_label))
+            tf, lbl, (ch, cw), seeds[1], self.single_category_max_area, self.ignore_label,
+            rule=self.crop_rule))
         rgb, lbl = rgb[y0:y0 + h, x0:x0 + w], lbl[y0:y0 + h, x0:x0 + w]
-        if self.colour == "ssd":
-            draws = seg_transforms.ssd_draws(tf, seeds[2])
+        if self.colour in ("ssd", "mmseg"):
+            draws = seg_transforms.ssd_draws(tf, seeds[2], hue_inclusive=self.colour == "ssd")
             rgb = tf.cast(seg_transforms.color_aug_ssd(tf, rgb, draws), tf.float32)
         elif self.colour == "jitter":
             jitter_seeds = tf.random.experimental.stateless_split(seeds[2], 4)

@@ -17,6 +17,32 @@ normalisation, label 255). Each rule here is the reference's, to the integer:
   sum, as Pillow's `ImagingScaleAffine` accumulates it).
 * `category_area_crop`: up to 10 crop windows; the first whose non-ignored labels number > 1
   with max count < sum * max_area is taken, else the 10th.
+* `color_aug_ssd`: (below)
+
+mmsegmentation's training pipeline (`mmseg/datasets/pipelines/transforms.py` of the PNA repo's
+mmsegmentation branch; mmcv 1.x, whose source is not mirrored here — what is relied on):
+Resize(img_scale, ratio_range) -> RandomCrop(crop, cat_max_ratio) -> RandomFlip ->
+PhotoMetricDistortion -> Normalize -> Pad (image 0 after normalisation, label 255).
+
+* `mmseg_ratio_scale`: ratio = U[0, 1) * (max - min) + min (float64), scale =
+  (int(long * ratio), int(short * ratio)) (`Resize.random_sample_ratio`).
+* `mmcv_rescale_size`: `mmcv.rescale_size` with keep_ratio: factor = min(max(scale) / long
+  side, min(scale) / short side) in float64, new size int(w * f + 0.5), int(h * f + 0.5).
+* `resize_cv2`: `mmcv.imresize` = `cv2.resize` with INTER_LINEAR (image) and INTER_NEAREST
+  (label: source index floor(dst * in / out), OpenCV's `resizeNN`), run by OpenCV itself in
+  a `tf.numpy_function` (OpenCV releases the GIL), so exact whatever OpenCV's SIMD path;
+  `jax_refine.ops.image_resize` is the device port of the same INTER_LINEAR, for evaluation.
+* `category_area_crop(rule='mmseg')`: `RandomCrop` with cat_max_ratio: the first window is
+  checked, up to 10 checks, the 11th window is taken unchecked after 10 failures; accepted
+  when more than one non-ignored label is present and max count / sum < cat_max_ratio;
+  offsets randint(0, margin + 1) as `crop_windows`.
+* PhotoMetricDistortion is `color_aug_ssd` with one difference (`ssd_draws(hue_inclusive=
+  False)`): mmseg draws the hue shift with numpy's randint(-18, 18), which excludes 18
+  (detectron2: Python's random.randint, inclusive). Brightness, contrast (first or last,
+  p 0.5 each), saturation in cv2's 8-bit HSV (mmcv.bgr2hsv of the BGR image = cv2's RGB2HSV
+  of the RGB one), float32 math and uint8 truncation are detectron2's, op for op.
+* `reduce_zero_label` (LoadAnnotations(reduce_zero_label=True), numpy): 0 -> 255,
+  k -> k - 1, 255 stays 255 (mmseg's uint8 ops: 0 set to 255, minus 1, 254 set to 255).
 * `color_aug_ssd`: brightness (p 0.5, +U(-32, 32)), then in random order contrast
   (p 0.5, xU(0.5, 1.5)), saturation (p 0.5, S xU(0.5, 1.5) in cv2's 8-bit HSV) and hue (p 0.5,
   H + randint(-18, 18) mod 180); every step rounds to uint8 as the reference (float32 math,
@@ -32,6 +58,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 
 PIL_PRECISION_BITS = 22  # Pillow's 8-bit resampling: 32 - 8 - 2
@@ -119,6 +146,49 @@ def resize_nearest_pil(tf: Any, label: Any, size: Any) -> Any:
     return tf.gather(rows, _pil_nearest_index(tf, shape[1], size[1]), axis=1)
 
 
+def mmseg_ratio_scale(tf: Any, img_scale: tuple[int, int], ratio_range: tuple[float, float],
+                      seed: Any) -> Any:
+    """int32 [2]: mmseg `Resize.random_sample_ratio` of `img_scale` (long, short) with a
+    ratio ~ U[ratio_range) drawn in float64 from `seed`; int() truncates (positive values)."""
+    u = tf.random.stateless_uniform([], seed, dtype=tf.float64)
+    ratio = u * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
+    return tf.cast(tf.constant(img_scale, tf.float64) * ratio, tf.int32)
+
+
+def mmcv_rescale_size(tf: Any, height: Any, width: Any, scale: Any) -> Any:
+    """int32 [2] (new_h, new_w): `mmcv.rescale_size((w, h), scale)`, the keep-ratio size that
+    fits the long side in max(scale) and the short side in min(scale) (float64)."""
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    scale = tf.cast(scale, tf.float64)
+    factor = tf.minimum(tf.reduce_max(scale) / tf.maximum(h, w),
+                        tf.reduce_min(scale) / tf.minimum(h, w))
+    return tf.cast(tf.stack([h * factor + 0.5, w * factor + 0.5]), tf.int32)
+
+
+def _cv2_resize_pair(image: np.ndarray, label: np.ndarray, size: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    dsize = (int(size[1]), int(size[0]))  # OpenCV: (width, height)
+    return (cv2.resize(image, dsize, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, dsize, interpolation=cv2.INTER_NEAREST))
+
+
+def resize_cv2(tf: Any, image: Any, label: Any, size: Any) -> tuple[Any, Any]:
+    """(uint8 [h, w, 3], uint8 [h, w]) for size (h, w): `mmcv.imresize` of the uint8 image
+    [H, W, 3] (cv2 INTER_LINEAR) and of the uint8 label map [H, W] (cv2 INTER_NEAREST)."""
+    image, label = tf.numpy_function(
+        _cv2_resize_pair, [tf.cast(image, tf.uint8), tf.cast(label, tf.uint8), size],
+        [tf.uint8, tf.uint8], stateful=False)
+    return (tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(label, [None, None]))
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """uint8 label map: mmseg's `LoadAnnotations(reduce_zero_label=True)`, 0 -> 255 (ignore),
+    k -> k - 1 for 1..254, 255 -> 255."""
+    label = np.asarray(label, np.uint8)
+    return np.where((label == 0) | (label == 255), np.uint8(255), label - np.uint8(1)).astype(
+        np.uint8)
+
+
 def crop_windows(tf: Any, shape: Any, crop: tuple[int, int], seed: Any, count: int) -> Any:
     """int32 [count, 4] (y0, x0, crop_h, crop_w): `count` independent uniform windows of
     min(crop, image) per side (detectron2 RandomCrop 'absolute') in an image of `shape`;
@@ -135,13 +205,26 @@ def crop_windows(tf: Any, shape: Any, crop: tuple[int, int], seed: Any, count: i
     return tf.map_fn(draw, tf.range(count), fn_output_signature=tf.int32)
 
 
+CROP_RULES = ("detectron2", "mmseg")
+
+
 def category_area_crop(tf: Any, label: Any, crop: tuple[int, int], seed: Any,
-                       max_area: float, ignore_label: int, tries: int = 10) -> Any:
-    """int32 [4] (y0, x0, crop_h, crop_w) of detectron2's RandomCrop_CategoryAreaConstraint
-    on label [H, W] (values 0..255): of the `crop_windows(..., tries)`, the first that holds
-    more than one non-ignored label with no label covering max_area or more of its
-    non-ignored pixels, else the last; max_area >= 1 takes the first window unchecked."""
-    windows = crop_windows(tf, tf.shape(label), crop, seed, tries if max_area < 1.0 else 1)
+                       max_area: float, ignore_label: int, tries: int = 10,
+                       rule: str = "detectron2") -> Any:
+    """int32 [4] (y0, x0, crop_h, crop_w) of a crop window on label [H, W] (values 0..255)
+    that no single non-ignored label dominates; max_area >= 1 takes the first window.
+
+    rule 'detectron2' (RandomCrop_CategoryAreaConstraint): of `crop_windows(..., tries)` the
+    first holding more than one non-ignored label with max count < sum * max_area, else
+    the last. 'mmseg' (RandomCrop(cat_max_ratio=max_area)): the first of `tries` checked
+    windows with more than one non-ignored label and max count / sum < max_area, else
+    window tries + 1, unchecked.
+    """
+    if rule not in CROP_RULES:
+        raise ValueError(f"seg_transforms.category_area_crop: rule must be one of "
+                         f"{CROP_RULES}, got {rule!r}")
+    drawn = tries + (rule == "mmseg") if max_area < 1.0 else 1
+    windows = crop_windows(tf, tf.shape(label), crop, seed, drawn)
     if max_area >= 1.0:
         return windows[0]
 
@@ -152,9 +235,11 @@ def category_area_crop(tf: Any, label: Any, crop: tuple[int, int], seed: Any,
         counts = counts * tf.cast(tf.range(256) != ignore_label, tf.int64)
         largest = tf.cast(tf.reduce_max(counts), tf.float64)
         total = tf.cast(tf.reduce_sum(counts), tf.float64)
-        return (tf.math.count_nonzero(counts) > 1) & (largest < total * max_area)
+        small = largest / total < max_area if rule == "mmseg" else largest < total * max_area
+        return (tf.math.count_nonzero(counts) > 1) & small
 
-    (i,) = tf.while_loop(lambda i: (i < tries - 1) & tf.logical_not(accepted(windows[i])),
+    # The last window is returned without a check (detectron2 checks it but takes it anyway).
+    (i,) = tf.while_loop(lambda i: (i < drawn - 1) & tf.logical_not(accepted(windows[i])),
                          lambda i: (i + 1,), (tf.constant(0),))
     return windows[i]
 
@@ -210,12 +295,13 @@ def _to_uint8(tf: Any, x: Any, alpha: Any = 1.0, beta: Any = 0.0) -> Any:
 
 def ssd_draws(tf: Any, seed: Any, brightness_delta: float = 32.0,
               contrast: tuple[float, float] = (0.5, 1.5),
-              saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18
-              ) -> dict[str, Any]:
+              saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18,
+              hue_inclusive: bool = True) -> dict[str, Any]:
     """The random choices of one ColorAugSSDTransform: bool on/off of 'brightness',
     'contrast', 'saturation', 'hue' (p 0.5 each) and 'contrast_first' (the order), float32
     'beta' ~ U(-delta, delta), 'alpha_contrast', 'alpha_saturation' ~ U(range), int32
-    'hue_shift' uniform in [-hue_delta, hue_delta]."""
+    'hue_shift' uniform in [-hue_delta, hue_delta] (hue_inclusive=False: [-hue_delta,
+    hue_delta - 1], mmseg's PhotoMetricDistortion)."""
     u = tf.random.stateless_uniform([9], seed, dtype=tf.float32)
     return {
         "brightness": u[0] < 0.5, "beta": -brightness_delta + 2.0 * brightness_delta * u[1],
@@ -224,7 +310,8 @@ def ssd_draws(tf: Any, seed: Any, brightness_delta: float = 32.0,
         "saturation": u[5] < 0.5,
         "alpha_saturation": saturation[0] + (saturation[1] - saturation[0]) * u[6],
         "hue": u[7] < 0.5,
-        "hue_shift": tf.cast(tf.math.floor(u[8] * (2 * hue_delta + 1)), tf.int32) - hue_delta,
+        "hue_shift": tf.cast(tf.math.floor(u[8] * (2 * hue_delta + int(hue_inclusive))),
+                             tf.int32) - hue_delta,
     }
 
 

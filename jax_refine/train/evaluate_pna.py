@@ -49,6 +49,7 @@ import numpy as np
 
 from jax_refine import metrics
 from jax_refine.data.pipeline import TRAIN_SCENE_SEED_OFFSET
+from jax_refine.data.seg_transforms import reduce_zero_label as reduce_zero_label_map
 from jax_refine.data.synthetic import make_scene
 from jax_refine.models import pna as pna_lib
 from jax_refine.ops import image_resize
@@ -75,8 +76,11 @@ def synthetic_samples(num: int, size: int, num_classes: int) -> Iterator[Sample]
         yield Sample(f"scene{seed}", image, label)
 
 
-def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0) -> Iterator[Sample]:
-    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name').
+def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0,
+                   reduce_zero_label: bool = False) -> Iterator[Sample]:
+    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name');
+    `reduce_zero_label`: mmseg's 0 -> 255, k -> k - 1 on the label maps (as the training
+    loader, `config.dataset.reduce_zero_label`).
 
     TFDS's random-access data source decodes images with OpenCV (Pillow without it), whose
     JPEG pixels equal Pillow's (detectron2's `read_image`) and mmcv's; TensorFlow's default
@@ -86,9 +90,12 @@ def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0) -> Iterato
     for i in range(len(records) if not limit else min(limit, len(records))):
         r = records[i]
         label = np.asarray(r["label"])
+        label = label[..., 0] if label.ndim == 3 else label
+        if reduce_zero_label:
+            label = reduce_zero_label_map(label)
         name = r["name"]
         yield Sample(name.decode() if isinstance(name, bytes) else str(name),
-                     np.asarray(r["image"]), label[..., 0] if label.ndim == 3 else label)
+                     np.asarray(r["image"]), label)
 
 
 def stage_logits_at(stage_logits: Sequence[jax.Array], padded: tuple[int, int],
@@ -363,7 +370,8 @@ def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, vari
     """Evaluate `predictor.model` with `variables` on `config.eval`'s set (held-out synthetic
     scenes when config.dataset is synthetic, else a `semantic_folder` split), with the
     predictor's resize protocol (`predictor_for(config, model)` reads it from
-    config.eval.resize) and config.eval's `iou_classes` and `mean_classes`.
+    config.eval.resize), config.eval's `iou_classes` and `mean_classes`, and the training
+    set's label mapping config.dataset.reduce_zero_label (mmseg's, a dataset option).
 
     Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
     metrics by set.
@@ -385,7 +393,8 @@ def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, vari
             config.dataset.name, data_dir=e.data_dir or config.dataset.data_dir,
             split=kwargs.get("split", "val"), builder_kwargs=kwargs)
         name = f"{config.dataset.name}_{kwargs.get('split', 'val')}"
-        samples = folder_samples(records, e.num_images)
+        samples = folder_samples(records, e.num_images,
+                                 config.dataset.get("reduce_zero_label", False))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: evaluate_samples(

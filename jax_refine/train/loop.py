@@ -239,7 +239,8 @@ TASKS = {
         synthetic_source=lambda c: pipeline.SyntheticSemanticSource(
             c.seed, c.dataset.min_size, c.dataset.max_size, c.dataset.num_classes),
         # semantic label maps: class ids, 255 = ignore
-        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "labels": True},
+        record_kwargs=lambda c: {"mask_key": c.dataset.label_key, "labels": True,
+                                 "reduce_zero_label": c.dataset.get("reduce_zero_label", False)},
         augment=_pna_augment,
         optimizer=_pna_optimizer,
         train_step=_pna_train_step,
