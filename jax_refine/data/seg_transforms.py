@@ -49,9 +49,9 @@ PhotoMetricDistortion -> Normalize -> Pad (image 0 after normalisation, label 25
   clip, truncate). `rgb_to_hsv_cv2` / `hsv_to_rgb_cv2` are OpenCV's 8-bit conversions
   (integer tables forward, float32 and truncation back, as OpenCV's vectorised code).
 
-All functions take the `tensorflow` module first (the pipeline imports it lazily), work on one
-example, draw from stateless seeds (int32 [2]) and accept any integer image dtype; images are
-[H, W, 3] RGB with values 0..255, labels [H, W].
+All functions but `reduce_zero_label` (numpy) take the `tensorflow` module first (the pipeline
+imports it lazily), work on one example, draw from stateless seeds (int32 [2]) and accept any
+integer image dtype; images are [H, W, 3] RGB with values 0..255, labels [H, W].
 """
 
 from __future__ import annotations
