@@ -167,4 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.num_images = 0  # 0 = all
     config.eval.num_pngs = 4  # side-by-side PNGs (image | P0 | P4 | ground truth)
     config.eval.batch_size = 8  # images per call, sharded over all devices (shape buckets)
+    # Padding of each image: 1 = to the model's size divisibility only, as the references
+    # (exact; one compilation per image size); e.g. 64 = sides rounded up to multiples of 64
+    # so that nearby sizes share a compilation (logits near the border then differ).
+    config.eval.bucket = 1
     return config
