@@ -25,9 +25,9 @@ configs/pna/pna_fcn_r50-d32_512x512_20k_voc.py, reproduced key by key:
   to the original image (`config.eval.resize`); the output of a PNA model is its last stage
   resized straight to the input size (`models.pna.final_logits(mode='mmseg')`).
 
-Deviation: mmseg's CascadeEncoderDecoder runs the coarse head twice in training (once for its
-loss, once more — fresh dropout mask, second BN update — as the PNA head's input); here the
-coarse head runs once and P0 feeds both.
+As mmseg's CascadeEncoderDecoder, training runs the coarse head twice (once for its loss,
+once more — fresh dropout mask, second BN update — as the PNA head's input;
+`PNASegmentor.recompute_coarse`, on with `pna_head='mmseg'`).
 
 Data: a `semantic_folder` build of local folders (images name.jpg + label maps name.png with
 class ids 0..20 and 255 = ignore; SBD's .mat labels must be converted to PNG first):
