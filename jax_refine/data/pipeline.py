@@ -1,16 +1,16 @@
 """tf.data training pipelines. Example k of the run is a pure function of (seed, k).
 
-CRM pipeline (paper recipe, reference `dataset/online_dataset_crm.py`), per example:
-load (image uint8 [H, W, 3], gt uint8 [H, W]: the 8-bit ground truth as stored, soft
-0..255, 255 = foreground) -> pad to at least crop x crop (zeros on both sides, as
-torchvision's `RandomCrop(pad_if_needed=True)`) -> random crop and horizontal flip of image
-and mask together (one stateless seed) -> colour jitter of the image (brightness 0.2,
-contrast 0.05, saturation 0.05, torchvision semantics) and random grayscale (p = 0.1,
-torchvision's default) -> coarse mask from the binary gt > 0 (the reference's
-`np.array(gt) > 0.5` on 8-bit values; `CoarseSpec`: `perturb_mask_tf` with target IoU
-t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) -> ImageNet
-normalisation, mask to [-1, 1], gt to the soft float gt / 255 in [0, 1] (the reference's
-`ToTensor`; the losses use it soft, BCE against gt > 0.5). The training loop's
+CRM pipeline (paper recipe, reference `dataset/online_dataset_crm.py`), per example: load
+(image uint8 [H, W, 3], gt uint8 [H, W]: the 8-bit ground truth as stored, soft 0..255, 255
+= foreground) -> pad to at least crop x crop (zeros on both sides, as torchvision's
+`RandomCrop(pad_if_needed=True)`) -> random crop and horizontal flip of image and mask
+together (one stateless seed) -> colour jitter of the image (brightness 0.2, contrast 0.05,
+saturation 0.05 in a random order: torchvision's `ColorJitter` on a PIL image, bit-exact)
+and random grayscale (p = 0.1, torchvision's default) -> coarse mask from the binary gt > 0
+(the reference's `np.array(gt) > 0.5` on 8-bit values; `CoarseSpec`: `perturb_mask_tf` with
+target IoU t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) ->
+ImageNet normalisation, mask to [-1, 1], gt to the soft float gt / 255 in [0, 1] (the
+reference's `ToTensor`; the losses use it soft, BCE against gt > 0.5). The training loop's
 `SyntheticSource` renders only a crop-sized window of each scene, at a random position,
 instead of the whole scene, so there the random crop is a no-op.
 
