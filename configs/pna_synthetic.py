@@ -53,4 +53,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.builder_kwargs = ml_collections.ConfigDict()
     config.eval.synthetic_size = 256
     config.eval.num_images = 24
+    config.eval.bucket = 64  # scene sizes vary: share compilations (see pna_voc_r50_fcn.py)
     return config

@@ -26,9 +26,9 @@ configs/pna/pna_fcn_r50-d32_512x512_20k_voc.py, reproduced key by key:
   to the original image (`config.eval.resize`); the output of a PNA model is its last stage
   resized straight to the input size (`models.pna.final_logits(mode='mmseg')`).
 
-Deviation: mmseg's CascadeEncoderDecoder runs the coarse head twice in training (once for its
-loss, once more — fresh dropout mask, second BN update — as the PNA head's input); here the
-coarse head runs once and P0 feeds both.
+As mmseg's CascadeEncoderDecoder, training runs the coarse head twice (once for its loss,
+once more — fresh dropout mask, second BN update — as the PNA head's input;
+`PNASegmentor.recompute_coarse`, on with `pna_head='mmseg'`).
 
 Data: a `semantic_folder` build of local folders (images name.jpg + label maps name.png with
 class ids 0..20 and 255 = ignore; SBD's .mat labels must be converted to PNG first):
@@ -174,4 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.num_images = 0  # 0 = all
     config.eval.num_pngs = 4  # side-by-side PNGs (image | P0 | P4 | ground truth)
     config.eval.batch_size = 8  # images per call, sharded over all devices (shape buckets)
+    # Padding of each image: 1 = to the model's size divisibility only, as the references
+    # (exact; one compilation per image size); e.g. 64 = sides rounded up to multiples of 64
+    # so that nearby sizes share a compilation (logits near the border then differ).
+    config.eval.bucket = 1
     return config

@@ -299,3 +299,36 @@ def test_run_length_and_milestones_are_the_reference_ones():
         assert math.isclose(float(value), want, rel_tol=1e-6), step
     with pytest.raises(ValueError, match="whole batch"):
         optim.whole_epoch_steps(45_000, 11, 12)
+
+
+def test_colour_jitter_is_torchvisions_on_a_pil_image():
+    """ColorJitter(0.2, 0.05, 0.05) + RandomGrayscale on a PIL image, replayed with Pillow
+    from the same draws (factors, order, grayscale): bit-exact."""
+    import tensorflow as tf
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(0)
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    amounts = (0.2, 0.05, 0.05)
+    orders, grays = set(), set()
+    for k in range(24):
+        pixels = rng.integers(0, 256, (9, 14, 3), dtype=np.uint8)
+        seeds = tf.cast(tf.random.experimental.stateless_split([7, k], 4), tf.int32)
+        got = pipeline.colour_jitter(tf, tf.constant(pixels, tf.float32) / 255.0, seeds,
+                                     *amounts, grayscale_p=0.5).numpy()
+        factors = [float(tf.random.stateless_uniform([], seeds[i], 1 - a, 1 + a))
+                   for i, a in enumerate(amounts)]
+        order = tf.argsort(tf.random.stateless_uniform(
+            [3], tf.random.experimental.stateless_fold_in(seeds[3], 1))).numpy()
+        gray = bool(tf.random.stateless_uniform([], seeds[3]) < 0.5)
+        image = Image.fromarray(pixels)
+        for i in order:
+            image = enhancers[i](image).enhance(factors[i])
+        if gray:
+            image = image.convert("L").convert("RGB")
+        expected = np.asarray(image)
+        np.testing.assert_array_equal(np.round(got * 255.0).astype(np.uint8), expected)
+        np.testing.assert_array_equal(got, (expected / np.float32(255.0)).astype(np.float32))
+        orders.add(tuple(order))
+        grays.add(gray)
+    assert len(orders) >= 4 and grays == {False, True}

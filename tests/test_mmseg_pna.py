@@ -98,3 +98,38 @@ def test_mmseg_key_mismatches_are_listed():
     assert err.value.missing == ["decode_head.1.patch_embeds.pna2.bias"]
     assert err.value.unexpected == ["decode_head.0.extra.weight"]
     assert convert.checkpoint_layout(state) == "mmseg"
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mmseg_cascade_runs_the_coarse_head_again_for_the_pna_head(recompute):
+    """CascadeEncoderDecoder in training: P0 for its loss, a second coarse-head run (another
+    call, so another dropout draw and statistics update) as the PNA head's input."""
+    import flax.linen as nn
+
+    class Features(nn.Module):
+        def __call__(self, x, *, train=False):
+            return {f"res{k}": x for k in range(2, 6)}
+
+    class CountingHead(nn.Module):  # returns how many times it has run in this apply
+        @nn.compact
+        def __call__(self, features, *, train=False):
+            calls = self.variable("batch_stats", "calls", lambda: jnp.zeros(()))
+            if train:
+                calls.value += 1
+            return jnp.full(features["res5"].shape[:3] + (1,), calls.value)
+
+    class Echo(nn.Module):
+        def __call__(self, value, features, *, train=False):
+            return [value]
+
+    model = pna_lib.PNASegmentor(Features(), CountingHead(), Echo(), pixel_mean=(0.0,),
+                                 pixel_std=(1.0,), recompute_coarse=recompute)
+    x = jnp.zeros((1, 2, 2, 1))
+    variables = model.init(jax.random.key(0), x)
+    (p0, pna_input), state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert float(p0.max()) == 1 and float(pna_input.max()) == (2 if recompute else 1)
+    assert float(state["batch_stats"]["coarse_head"]["calls"]) == (2 if recompute else 1)
+    p0, pna_input = model.apply(variables, x, train=False)  # inference: one run
+    assert float(pna_input.max()) == float(p0.max()) == 0
+    assert pna_lib.build_pna("aspp", 3, pna_head="mmseg").recompute_coarse
+    assert not pna_lib.build_pna("deeplabv3", 3).recompute_coarse

@@ -216,6 +216,15 @@ def test_cityscapes_configs_evaluate_as_the_reference():
     assert load_config("pna_detectron2_base").eval.resize.mode == "none"
 
 
+def test_paper_configs_pad_each_image_as_the_references():
+    """Paper configs: padding only to the size divisibility (exact); synthetic: 64-px buckets."""
+    expected = {"pna_voc_r50_fcn": 1, "pna_cityscapes_r101_fpn": 32, "pna_synthetic": 64}
+    for name, bucket in expected.items():
+        config = load_config(name)
+        model = pna_lib.build_pna(**loop.pna_build_kwargs(config))
+        assert evaluate_pna.predictor_for(config, model).bucket == bucket, name
+
+
 def test_deepglobe_rgb_masks_map_to_the_reference_classes(tmp_path):
     from jax_refine.io import read_image, write_image
 

@@ -1,16 +1,16 @@
 """tf.data training pipelines. Example k of the run is a pure function of (seed, k).
 
-CRM pipeline (paper recipe, reference `dataset/online_dataset_crm.py`), per example:
-load (image uint8 [H, W, 3], gt uint8 [H, W]: the 8-bit ground truth as stored, soft
-0..255, 255 = foreground) -> pad to at least crop x crop (zeros on both sides, as
-torchvision's `RandomCrop(pad_if_needed=True)`) -> random crop and horizontal flip of image
-and mask together (one stateless seed) -> colour jitter of the image (brightness 0.2,
-contrast 0.05, saturation 0.05, torchvision semantics) and random grayscale (p = 0.1,
-torchvision's default) -> coarse mask from the binary gt > 0 (the reference's
-`np.array(gt) > 0.5` on 8-bit values; `CoarseSpec`: `perturb_mask_tf` with target IoU
-t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) -> ImageNet
-normalisation, mask to [-1, 1], gt to the soft float gt / 255 in [0, 1] (the reference's
-`ToTensor`; the losses use it soft, BCE against gt > 0.5). The training loop's
+CRM pipeline (paper recipe, reference `dataset/online_dataset_crm.py`), per example: load
+(image uint8 [H, W, 3], gt uint8 [H, W]: the 8-bit ground truth as stored, soft 0..255, 255
+= foreground) -> pad to at least crop x crop (zeros on both sides, as torchvision's
+`RandomCrop(pad_if_needed=True)`) -> random crop and horizontal flip of image and mask
+together (one stateless seed) -> colour jitter of the image (brightness 0.2, contrast 0.05,
+saturation 0.05 in a random order: torchvision's `ColorJitter` on a PIL image, bit-exact)
+and random grayscale (p = 0.1, torchvision's default) -> coarse mask from the binary gt > 0
+(the reference's `np.array(gt) > 0.5` on 8-bit values; `CoarseSpec`: `perturb_mask_tf` with
+target IoU t ~ U[0.8, 1), optionally mixed with `coarse_from_lowres` and blurred) ->
+ImageNet normalisation, mask to [-1, 1], gt to the soft float gt / 255 in [0, 1] (the
+reference's `ToTensor`; the losses use it soft, BCE against gt > 0.5). The training loop's
 `SyntheticSource` renders only a crop-sized window of each scene, at a random position,
 instead of the whole scene, so there the random crop is a no-op.
 
@@ -271,23 +271,47 @@ class CoarseSpec:
 
 def colour_jitter(tf: Any, image: Any, seeds: Any, brightness: float, contrast: float,
                   saturation: float, grayscale_p: float) -> Any:
-    """torchvision ColorJitter + RandomGrayscale on float [H, W, 3] in [0, 1] (fixed order).
+    """torchvision `ColorJitter(brightness, contrast, saturation)` then
+    `RandomGrayscale(grayscale_p)` on a PIL image (the CRM reference's transform), bit-exact
+    given the draws.
 
-    `seeds`: int32 [4, 2] stateless seeds.
+    image: float [H, W, 3] holding uint8 values / 255 (ToTensor's scale; rounded back to the
+    uint8 values PIL sees); returns the same. Factors ~ U[1 - amount, 1 + amount]; the three
+    adjustments run in a random order (ColorJitter's randperm); each is PIL's `ImageEnhance`:
+    an 8-bit blend with a degenerate image, out = trunc(clip(d + f * (x - d))) in float32 —
+    d = black (brightness), the mean of the L image rounded to an integer (contrast), the L
+    image (saturation), L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 as PIL's convert('L').
+    `seeds`: int32 [4, 2] stateless seeds (factors; grayscale and order).
     """
     def factor(seed, amount):
         return tf.random.stateless_uniform([], seed, 1.0 - amount, 1.0 + amount)
 
-    def gray(x):
-        return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+    def luma(x):
+        i = tf.cast(x, tf.int32)
+        y = tf.bitwise.right_shift(i[..., 0] * 19595 + i[..., 1] * 38470 + i[..., 2] * 7471
+                                   + 0x8000, 16)
+        return tf.cast(y, tf.float32)[..., None]
 
-    image = tf.clip_by_value(image * factor(seeds[0], brightness), 0.0, 1.0)
-    mean = tf.reduce_mean(gray(image))
-    image = tf.clip_by_value((image - mean) * factor(seeds[1], contrast) + mean, 0.0, 1.0)
-    g = gray(image)
-    image = tf.clip_by_value((image - g) * factor(seeds[2], saturation) + g, 0.0, 1.0)
+    def blend(degenerate, x, f):
+        return tf.floor(tf.clip_by_value(degenerate + f * (x - degenerate), 0.0, 255.0))
+
+    def contrast_degenerate(x):
+        mean = tf.reduce_mean(tf.cast(luma(x), tf.float64))
+        return tf.cast(tf.floor(mean + 0.5), tf.float32)
+
+    factors = [factor(seeds[i], amount)
+               for i, amount in enumerate((brightness, contrast, saturation))]
+    degenerates = [tf.zeros_like, contrast_degenerate, luma]
+    x = tf.round(image * 255.0)
+    order = tf.argsort(tf.random.stateless_uniform(
+        [3], tf.random.experimental.stateless_fold_in(seeds[3], 1)))
+    for step in range(3):
+        adjustments = [(lambda x=x, d=d, f=f: blend(d(x), x, f))
+                       for d, f in zip(degenerates, factors, strict=True)]
+        x = tf.switch_case(order[step], adjustments)
     to_gray = tf.random.stateless_uniform([], seeds[3]) < grayscale_p
-    return tf.cond(to_gray, lambda: tf.tile(gray(image), [1, 1, 3]), lambda: image)
+    x = tf.cond(to_gray, lambda: tf.tile(luma(x), [1, 1, 3]), lambda: x)
+    return x / 255.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -337,6 +337,10 @@ class PNASegmentor(nn.Module):
       size_divisibility: zero-pad the normalised image at the bottom/right to a multiple of
         this (the reference: 32 for FPN backbones, 0 = none for plain ResNets).
       freeze_backbone_bn: FrozenBN — the backbone always uses its running statistics.
+      recompute_coarse: mmseg's `CascadeEncoderDecoder` in training: the coarse head runs a
+        second time (a fresh dropout mask, a second BatchNorm statistics update, gradients
+        through both) and that second output, not the returned P0, is the PNA head's input.
+        detectron2's segmentor (False) feeds P0 itself. Inference is the same either way.
     Called as model(images [B, H, W, 3], train=...); returns [P0, P1, P2, P3, P4] (logits
     at their own strides of the padded image; P4 at stride 4).
     """
@@ -349,6 +353,7 @@ class PNASegmentor(nn.Module):
     pixel_std: Sequence[float] = PIXEL_STD
     size_divisibility: int = 0
     freeze_backbone_bn: bool = False
+    recompute_coarse: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False) -> list[Array]:
@@ -365,7 +370,10 @@ class PNASegmentor(nn.Module):
             aux = self.auxiliary_head(features, train=train)
             if train:
                 self.sow("intermediates", "aux_logits", aux)
-        return [coarse, *self.pna_head(coarse, features, train=train)]
+        value = coarse
+        if train and self.recompute_coarse:
+            value = self.coarse_head(features, train=train)
+        return [coarse, *self.pna_head(value, features, train=train)]
 
 
 def pad_to_divisibility(x: Array, divisibility: int, value: float | int = 0) -> Array:
@@ -548,6 +556,7 @@ def build_pna(
         aux,
         size_divisibility=v["size_divisibility"],
         freeze_backbone_bn=freeze_backbone_bn,
+        recompute_coarse=pna_head == "mmseg",
     )
 
 

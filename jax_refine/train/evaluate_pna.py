@@ -18,10 +18,13 @@ mmseg) and, with `config.eval.mean_classes`, mIoU and mACC over a class subset (
 two transparent classes, DeepGlobe's six land-cover classes). Used by evaluate.py and by the
 training loop's `config.eval_every`.
 
-Not reproduced: a reference evaluates one image per GPU, padded only to the model's size
-divisibility; the 64-px buckets here pad more, which changes the logits near the bottom/right
-border of models with global operations (image pooling, PSP, channel attention) — set
-`Predictor(bucket=...)` to the size divisibility for a per-image-exact run.
+Padding (`config.eval.bucket`): the references evaluate each image padded only to the
+model's size divisibility. `bucket=1` does the same (the paper configs' default; one
+compilation per distinct image size — Cityscapes and DeepGlobe have one). A larger bucket
+(e.g. 64, `pna_synthetic`) pads each side up to a multiple of it so that nearby sizes share a
+compilation, at the price of logits that differ from the reference's near the bottom/right
+border (the padding reaches the deeper layers' receptive fields and the global operations:
+image pooling, PSP, channel attention).
 
 Sources: a `semantic_folder` split (`config.eval.builder_kwargs`: images, labels,
 class_names, split), or, when `config.dataset.name` is 'synthetic', held-out multi-class
@@ -187,7 +190,8 @@ class Predictor:
     `resize` (a `ResizeProtocol`) resamples each image to its network size on the device
     (`ops.image_resize`, bit-exact to the reference's Pillow / OpenCV), the network input is
     padded at the bottom/right with the pixel mean (0 after normalisation) to its shape bucket
-    (sides rounded up to a multiple of 64 and of the model's size divisibility), every stage's
+    (sides rounded up to a multiple of `bucket` and of the model's size divisibility; 1 =
+    the references' per-image padding, see the module docstring), every stage's
     logits are upsampled bilinearly to the bucket, cropped to the resized image and resized
     back to the original size per image (`resize_bilinear_dynamic`, traced sizes), and the
     argmax is taken on the device. Images are grouped by (original bucket, network bucket,
@@ -415,6 +419,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path,
 
 
 def predictor_for(config: ml_collections.ConfigDict, model: pna_lib.PNASegmentor) -> Predictor:
-    """The `Predictor` of config.eval: `batch_size` (default 8) and the `resize` protocol."""
+    """The `Predictor` of config.eval: `batch_size` (default 8), `bucket` (default 64) and
+    the `resize` protocol."""
     return Predictor(model, batch_size=config.eval.get("batch_size", 8),
+                     bucket=config.eval.get("bucket", 64),
                      resize=ResizeProtocol.from_config(config.eval.get("resize")))
