@@ -5,10 +5,11 @@
 
 Scaling (the default): examples/s of `pipeline.train_dataset` given n cores, for each n of
 --threads: each run is a fresh process pinned to n cores (`os.sched_setaffinity`) running
-the pipeline with n loader worker processes (pinned alike) and an n-thread tf.data pool; it
-takes 2 warm-up batches, then times --batches batches. Runs alternate (n = 1, 2, 1, 2, ...)
-so that a change of machine load hits all alike; printed: the median of --repeats runs and
-its ratio to the first n's. Sections:
+the pipeline with the library's default loading (n worker processes pinned alike for the
+synthetic sources, tf.data's threads for the GIL-free record source) and an n-thread tf.data
+pool; it takes 2 warm-up batches, then times --batches batches. Runs alternate (n = 1, 2, 1,
+2, ...) so that a change of machine load hits all alike; printed: the median of --repeats
+runs and its ratio to the first n's. Sections:
 
 * crm_real: the CRM real-data pipeline of configs/crm_paper.py (batch 12, 224² crops, target
   IoU ~ U[0.8, 1)) over a `refine_folder` TFDS build of a small JPEG folder (48 synthetic
@@ -79,8 +80,7 @@ def rate(name: str, workdir: Path, n: int, batches: int) -> float:
     from jax_refine.data import pipeline
 
     loader, augment, batch = section(name, workdir)
-    ds = pipeline.train_dataset(loader, augment, global_batch_size=batch, workers=n,
-                                threads=n)
+    ds = pipeline.train_dataset(loader, augment, global_batch_size=batch, threads=n)
     it = pipeline.as_numpy(ds)
     for _ in range(2):
         next(it)

@@ -57,7 +57,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -170,8 +170,13 @@ class RecordSource:
         first records of its permutation (PyTorch `DataLoader(drop_last=True)`).
       reduce_zero_label: label maps only: mmseg's LoadAnnotations(reduce_zero_label=True)
         (`seg_transforms.reduce_zero_label`: 0 -> 255, k -> k - 1; COCO-Stuff's ids 1..171).
+    Class attribute `gil_free`: reading a record and decoding its images run in C++ with the
+    GIL released, so `train_dataset` loads in tf.data's threads by default (on the 2-core
+    CI machine 1.5-1.7x the examples/s of worker processes, whose pickling and generator
+    hand-over run serially in the main process).
     """
 
+    gil_free: ClassVar[bool] = True
     records: Sequence[dict[str, Any]]
     seed: int
     mask_key: str = "mask"
@@ -495,10 +500,11 @@ def train_dataset(
     float32 with b = global_batch_size / process_count (with a `PnaAugment`: {'image',
     'label' int32 [b, crop, crop]} — the same indexing serves the PNA pipeline).
 
-    The loader is Python (scene rendering, record reading and decoding) and holds the GIL
-    for much of its time, so it runs in `workers` processes (None: one per core this process
-    may use, at most MAX_WORKERS; 0: in tf.data's threads through `tf.numpy_function`), a
-    bounded window of examples ahead, in order; it must pickle (the sources here do). The
+    A loader that holds the GIL for much of its time (Python scene rendering) runs in
+    `workers` processes, a bounded window of examples ahead, in order; it must pickle (the
+    sources here do). None: 0 for a loader whose class sets `gil_free = True`
+    (`RecordSource`: C++ reading and decoding), otherwise one per core this process may use,
+    at most MAX_WORKERS; 0: in tf.data's threads through `tf.numpy_function`. The
     augmentation is TensorFlow ops in a parallel (AUTOTUNE, deterministic) map on a pool of
     `threads` threads (None: TF's default, one per core). Example k is a pure function of
     (seed, k): the batches are bitwise the same whatever `workers` and `threads`.
@@ -510,7 +516,8 @@ def train_dataset(
     local = global_batch_size // process_count
     first = process_index * local
     if workers is None:
-        workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        cores = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        workers = 0 if getattr(loader, "gil_free", False) else cores
     if workers < 0 or (threads is not None and threads < 1):
         raise ValueError(f"workers must be >= 0 and threads >= 1, got {workers}, {threads}")
 
