@@ -48,15 +48,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.builder_kwargs.class_names = CITYSCAPES_CLASSES
     config.loss.coarse_loss = "hard_pixel_mining"  # SEM_SEG_HEAD.LOSS_TYPE (DeepLabV3 head)
     config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
-    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
-    # Base-PNA-{DeepLabV3-OS16,FPN}.yaml):
-    config.augment = ml_collections.ConfigDict(dict(
-        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
-        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
-        max_size=4096,  # MAX_SIZE_TRAIN
-        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
-        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
-    ))  # then RandomFlip (horizontal, p 0.5)
     config.eval.resize = ml_collections.ConfigDict(dict(
         mode="shortest_edge", min_size=1024, max_size=2048, scale=(0, 0)))
     config.eval.iou_classes = "gt_or_pred"

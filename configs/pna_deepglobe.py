@@ -43,15 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.window_sizes = (7, 7, 7, 7)
     config.dataset.builder_kwargs.class_names = DEEPGLOBE_CLASSES
     config.eval.builder_kwargs.class_names = DEEPGLOBE_CLASSES
-    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
-    # pna_fpn_R_52_poly_4k_bs16.yaml):
-    config.augment = ml_collections.ConfigDict(dict(
-        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
-        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
-        max_size=4096,  # MAX_SIZE_TRAIN
-        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
-        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
-    ))  # then RandomFlip (horizontal, p 0.5)
+    # Augmentation: pna_detectron2_base's (the yaml's INPUT is Cityscapes').
     config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
     config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE
     config.eval.resize = ml_collections.ConfigDict(dict(

@@ -1,8 +1,8 @@
 """Base of the detectron2-recipe PNA configs (pna_cityscapes_*, pna_deepglobe, pna_trans10k,
 pna_synthetic): configs/pna_voc_r50_fcn.py's blocks with its mmsegmentation-only settings
 undone — detectron2's ResNet ('R-52' DeepLab stem), detectron2's PNA head (embeddings without
-bias), no auxiliary head, jax_refine's former PNA augmentation (`PnaAugment` defaults: scale
-~ U[0.5, 2], colour jitter; the derived files set detectron2's), and the reference's
+bias), no auxiliary head, detectron2's augmentation (train_net.py's: shortest-edge resize,
+category-area crop, SSD colour, flip; Cityscapes' sizes), and the reference's
 detectron2 solver (AdamW 1e-4, poly 0.9 without warmup, weight decay 0.01 but 0 on norm
 layers, full-gradient clipping by L2 norm 0.01, batch 16), evaluation at native size. Not a
 paper setting by itself (its coarse head stays FCN at output stride 32); the derived files
@@ -41,8 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.backbone_multiplier = 1.0  # BACKBONE_MULTIPLIER
     config.batch_size = 16  # IMS_PER_BATCH
     config.eval.resize.mode = "none"
-    # jax_refine's former PNA recipe (`PnaAugment` defaults: scale ~ U[0.5, 2], colour
-    # jitter); the derived configs set detectron2's augmentation.
+    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of the
+    # Cityscapes Base-PNA-{DeepLabV3-OS16,FPN}.yaml and of DeepGlobe; Trans10k sets its sizes):
     config.augment = ml_collections.ConfigDict(dict(
-        scale_range=(0.5, 2.0), brightness=0.2, contrast=0.05, saturation=0.05))
+        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
+        min_sizes=(512, 768, 1024, 1280, 1536, 1792, 2048),  # MIN_SIZE_TRAIN
+        max_size=4096,  # MAX_SIZE_TRAIN
+        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
+        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
+    ))  # then RandomFlip (horizontal, p 0.5)
     return config

@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.min_size = 160
     config.dataset.max_size = 320
     config.dataset.num_classes = 4
-    config.augment.scale_range = (0.75, 1.5)
+    # jax_refine's own recipe for small synthetic scenes: scale ~ U[0.75, 1.5], CRM's jitter.
+    config.augment = ml_collections.ConfigDict(dict(
+        scale_range=(0.75, 1.5), brightness=0.2, contrast=0.05, saturation=0.05))
     config.loss.coarse_loss = "hard_pixel_mining"
     config.loss.stage_loss = "hard_pixel_mining"
 

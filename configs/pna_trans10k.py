@@ -39,16 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.builder_kwargs.class_names = TRANS10K_CLASSES
     config.loss.coarse_loss = "cross_entropy"  # SemSegFPNHead.losses: F.cross_entropy
     config.loss.stage_loss = "hard_pixel_mining"  # PNA_HEAD.LOSS_TYPE (Base-Semantic-FPN)
-    # Augmentation (detectron2 `build_sem_seg_train_aug` of train_net.py; INPUT of
-    # pna_fpn_R_52_poly_8k_bs16.yaml):
-    config.augment = ml_collections.ConfigDict(dict(
-        resize="shortest_edge",  # ResizeShortestEdge, MIN_SIZE_TRAIN_SAMPLING 'choice'
-        # MIN_SIZE_TRAIN, the yaml's `eval` (256, 307, ..., 972, 1024):
-        min_sizes=tuple(int(x * 0.1 * 512) for x in range(5, 21)),
-        max_size=2048,  # MAX_SIZE_TRAIN
-        single_category_max_area=0.75,  # CROP (TYPE 'absolute') SINGLE_CATEGORY_MAX_AREA
-        colour="ssd",  # COLOR_AUG_SSD: ColorAugSSDTransform
-    ))  # then RandomFlip (horizontal, p 0.5)
+    # Augmentation: pna_detectron2_base's with this yaml's INPUT sizes:
+    # MIN_SIZE_TRAIN, the yaml's `eval` (256, 307, ..., 972, 1024); MAX_SIZE_TRAIN 2048.
+    config.augment.min_sizes = tuple(int(x * 0.1 * 512) for x in range(5, 21))
+    config.augment.max_size = 2048
     config.eval.resize = ml_collections.ConfigDict(dict(
         mode="shortest_edge", min_size=512, max_size=2048, scale=(0, 0)))
     config.eval.iou_classes = "gt"

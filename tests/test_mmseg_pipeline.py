@@ -178,4 +178,6 @@ def test_mmseg_configs_use_the_mmseg_pipeline_and_detectron2_ones_keep_theirs():
     assert augment.img_scale == (2048, 512) and augment.single_category_max_area == 0.75
     assert coco.dataset.reduce_zero_label
     base = loop.build_augment(loop.load_config_file(configs / "pna_detectron2_base.py"))
-    assert (base.resize, base.colour, base.crop_rule) == ("relative", "jitter", "detectron2")
+    assert (base.resize, base.colour, base.crop_rule) == ("shortest_edge", "ssd", "detectron2")
+    synthetic = loop.build_augment(loop.load_config_file(configs / "pna_synthetic.py"))
+    assert (synthetic.resize, synthetic.colour) == ("relative", "jitter")
