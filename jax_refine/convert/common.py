@@ -187,6 +187,13 @@ class StateDictReader:
             raise KeyMismatchError(self.where, self._missing, unexpected)
 
 
+def key_indices(keys: Iterable[str], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by group 1 of `pattern` (matched at the start of
+    each key): the block / branch / stage numbers a checkpoint holds."""
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
+
+
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the `module.` prefix that nn.DataParallel adds to every key (if all keys have it)."""
     if state_dict and all(key.startswith("module.") for key in state_dict):

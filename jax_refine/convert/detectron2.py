@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jax_refine.convert.common import StateDictReader, strip_module_prefix
+from jax_refine.convert.common import StateDictReader, key_indices, strip_module_prefix
 
 Tree = dict[str, Any]
 
@@ -85,11 +85,6 @@ def _put(params: Tree, stats: Tree, name: str, tree: tuple[Tree, Tree]) -> None:
         stats[name] = tree[1]
 
 
-def _indices(reader: StateDictReader, pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in reader.keys() if (m := regex.match(k))})
-
-
 def _resnet_conv(reader: StateDictReader, key: str) -> tuple[Tree, Tree]:
     """A ResNet conv with its `.norm` -> (kernel, (norm params, norm stats))."""
     kernel = reader.conv(f"{key}.weight")
@@ -105,13 +100,13 @@ def resnet_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
     p = re.escape(prefix)
     params: Tree = {}
     stats: Tree = {}
-    stem_convs = _indices(reader, rf"^{p}stem\.conv(\d+)\.weight$") or [1]
+    stem_convs = key_indices(reader.keys(), rf"^{p}stem\.conv(\d+)\.weight$") or [1]
     for c in stem_convs:
         kernel, (norm_p, norm_s) = _resnet_conv(reader, f"{prefix}stem.conv{c}")
         params[f"conv{c}"] = {"kernel": kernel}
         params[f"bn{c}"], stats[f"bn{c}"] = norm_p, norm_s
     for k in range(2, 6):
-        blocks = _indices(reader, rf"^{p}res{k}\.(\d+)\.conv1\.weight$") or [0]
+        blocks = key_indices(reader.keys(), rf"^{p}res{k}\.(\d+)\.conv1\.weight$") or [0]
         for j in range(max(blocks) + 1):
             src, dst = f"{prefix}res{k}.{j}", f"layer{k - 1}_{j}"
             bp: Tree = {}
@@ -161,7 +156,8 @@ def fpn_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
     """FPN keys `{prefix}fpn_lateral{k}` / `fpn_output{k}` -> `models.heads.FPN` tree."""
     params: Tree = {}
     stats: Tree = {}
-    levels = _indices(reader, rf"^{re.escape(prefix)}fpn_lateral(\d+)\.weight$") or [2, 3, 4, 5]
+    levels = (key_indices(reader.keys(), rf"^{re.escape(prefix)}fpn_lateral(\d+)\.weight$")
+              or [2, 3, 4, 5])
     for k in levels:
         for kind in ("lateral", "output"):
             name = f"fpn_{kind}{k}"
@@ -174,7 +170,7 @@ def sem_seg_fpn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tr
     params: Tree = {}
     stats: Tree = {}
     for k in (2, 3, 4, 5):
-        indices = _indices(reader, rf"^{re.escape(prefix)}p{k}\.(\d+)\.weight$") or [0]
+        indices = key_indices(reader.keys(), rf"^{re.escape(prefix)}p{k}\.(\d+)\.weight$") or [0]
         for i in indices:
             _put(params, stats, f"p{k}_{i}", conv_norm_tree(reader, f"{prefix}p{k}.{i}"))
     params["predictor"] = conv_tree(reader, f"{prefix}predictor")

@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jax_refine.convert.common import StateDictReader, strip_module_prefix
+from jax_refine.convert.common import StateDictReader, key_indices, strip_module_prefix
 from jax_refine.convert.detectron2 import conv_tree, norm_tree
 from jax_refine.convert.resnet import batch_norm, stages_tree
 
@@ -96,8 +96,7 @@ def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree
     """mmsegmentation `FCNHead` keys -> `models.heads.FCNHead` tree."""
     params: Tree = {}
     stats: Tree = {}
-    convs = sorted({int(m.group(1)) for k in reader.keys()
-                    if (m := re.match(rf"^{re.escape(prefix)}convs\.(\d+)\.conv\.weight$", k))})
+    convs = key_indices(reader.keys(), rf"^{re.escape(prefix)}convs\.(\d+)\.conv\.weight$")
     for i in convs or [0]:
         params[f"convs_{i}"], stats[f"convs_{i}"] = _conv_module(reader, f"{prefix}convs.{i}")
     if reader.has(f"{prefix}conv_cat.conv.weight"):
@@ -110,8 +109,7 @@ def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree
     """mmsegmentation `PSPHead` keys -> `models.heads.PSPHead` tree."""
     params: Tree = {}
     stats: Tree = {}
-    scales = sorted({int(m.group(1)) for k in reader.keys()
-                     if (m := re.match(rf"^{re.escape(prefix)}psp_modules\.(\d+)\.1\.", k))})
+    scales = key_indices(reader.keys(), rf"^{re.escape(prefix)}psp_modules\.(\d+)\.1\.")
     for i in scales or [0]:
         name = f"psp_modules_{i}"
         params[name], stats[name] = _conv_module(reader, f"{prefix}psp_modules.{i}.1")
@@ -126,8 +124,7 @@ def aspp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tre
     params: Tree = {}
     stats: Tree = {}
     params["image_pool"], stats["image_pool"] = _conv_module(reader, f"{prefix}image_pool.1")
-    branches = sorted({int(m.group(1)) for k in reader.keys()
-                       if (m := re.match(rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.", k))})
+    branches = key_indices(reader.keys(), rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.")
     for i in branches or [0]:
         name = f"aspp_modules_{i}"
         params[name], stats[name] = _conv_module(reader, f"{prefix}aspp_modules.{i}")

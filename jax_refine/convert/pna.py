@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jax_refine.convert.attention import pna_layer_tree
-from jax_refine.convert.common import StateDictReader
+from jax_refine.convert.common import StateDictReader, key_indices
 from jax_refine.convert.detectron2 import (
     conv_tree,
     deeplabv3_head_tree,
@@ -133,8 +133,8 @@ def pna_head_tree(reader: StateDictReader, prefix: str = "",
                                                   embed_bias)
         params[f"conv_seg_layers_{f}"] = conv_tree(reader, f"{prefix}conv_seg_layers.{key}")
         stage: Tree = {}
-        block_re = re.compile(rf"^{re.escape(prefix)}stages\.{re.escape(key)}\.blocks\.(\d+)\.")
-        blocks = sorted({int(m.group(1)) for k in reader.keys() if (m := block_re.match(k))})
+        blocks = key_indices(reader.keys(),
+                             rf"^{re.escape(prefix)}stages\.{re.escape(key)}\.blocks\.(\d+)\.")
         if not blocks:
             reader.get(f"{prefix}stages.{key}.blocks.0.*")  # recorded as missing
         for i in blocks:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_refine.convert.common import StateDictReader, strip_module_prefix
+from jax_refine.convert.common import StateDictReader, key_indices, strip_module_prefix
 
 Tree = dict[str, Any]
 IGNORE = (r"\.relative_position_index$", r"\.attn_mask$", r"^head\.", r"^norm\.")
@@ -119,20 +119,15 @@ def _mmseg_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
-def _indices(keys, pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
-
-
 def swin_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The `SwinTransformer` fields a checkpoint determines: embed_dims, depths, num_heads,
     window_size, patch_size, in_channels (e.g. to check it against `swin_tiny()`)."""
     sd = _mmseg_state_dict(state_dict)
     out_ch, in_ch, patch, _ = np.shape(sd["patch_embed.projection.weight"])
-    stages = _indices(sd, r"^stages\.(\d+)\.")
+    stages = key_indices(sd, r"^stages\.(\d+)\.")
     depths, heads = [], []
     for i in stages:
-        depths.append(len(_indices(sd, rf"^stages\.{i}\.blocks\.(\d+)\.norm1\.weight$")))
+        depths.append(len(key_indices(sd, rf"^stages\.{i}\.blocks\.(\d+)\.norm1\.weight$")))
         table = np.shape(sd[f"stages.{i}.blocks.0.attn.w_msa.relative_position_bias_table"])
         heads.append(int(table[1]))
     window = (int(round(table[0] ** 0.5)) + 1) // 2
@@ -161,10 +156,10 @@ def swin_params(reader: StateDictReader) -> Tree:
             "norm": _norm(reader, "patch_embed.norm"),
         }
     }
-    stages = _indices(keys, r"^stages\.(\d+)\.") or [0]
+    stages = key_indices(keys, r"^stages\.(\d+)\.") or [0]
     for i in range(max(stages) + 1):
         stage: Tree = {}
-        for j in _indices(keys, rf"^stages\.{i}\.blocks\.(\d+)\.") or [0]:
+        for j in key_indices(keys, rf"^stages\.{i}\.blocks\.(\d+)\.") or [0]:
             src = f"stages.{i}.blocks.{j}"
             stage[f"blocks_{j}"] = {
                 "norm1": _norm(reader, f"{src}.norm1"),
@@ -184,7 +179,7 @@ def swin_params(reader: StateDictReader) -> Tree:
                 "reduction": _linear(reader, f"stages.{i}.downsample.reduction", bias=False),
             }
         params[f"stages_{i}"] = stage
-    has_norms = bool(_indices(keys, r"^norm(\d+)\.weight$"))
+    has_norms = bool(key_indices(keys, r"^norm(\d+)\.weight$"))
     for i in range(max(stages) + 1):
         if has_norms:
             params[f"norm{i}"] = _norm(reader, f"norm{i}")
