@@ -28,7 +28,8 @@ K = 4
 WIDTH = 16  # stem / base channels: features 64, 128, 256, 512 (Bottleneck)
 DIMS = (32, 32, 64, 64)
 # mmseg's backbone settings per coarse head (the PNA configs): d32 for FCN, d16 otherwise.
-BACKBONE = {"fcn": ((1, 2, 2, 2), (1, 1, 1, 1)), "aspp": ((1, 2, 2, 1), (1, 1, 1, 2))}
+D16 = ((1, 2, 2, 1), (1, 1, 1, 2))
+BACKBONE = {"fcn": ((1, 2, 2, 2), (1, 1, 1, 1)), "psp": D16, "aspp": D16}
 
 
 def mirror_model(kind: str) -> mm.CascadeSegmentor:
@@ -41,7 +42,7 @@ def mirror_model(kind: str) -> mm.CascadeSegmentor:
         chans = [WIDTH * 4 * 2**i for i in range(4)]
     if kind == "fcn":
         coarse = mm.FCNHead(K, cin=chans[3], channels=24)
-    elif kind == "swin_psp":
+    elif kind in ("psp", "swin_psp"):
         coarse = mm.PSPHead(K, cin=chans[3], channels=24)
     else:
         coarse = mm.ASPPHead(K, cin=chans[3], channels=24)
@@ -56,9 +57,9 @@ def mirror_model(kind: str) -> mm.CascadeSegmentor:
     return model.eval()
 
 
-# One ResNet variant end to end (d16 with contract_dilation, ASPP, auxiliary head) and the
-# Swin one (PSP); FCN is checked per module (test_mmseg_heads.py) and through its config.
-@pytest.mark.parametrize("kind", ["aspp", "swin_psp"])
+# The VOC models' structures end to end: ResNetV1c d32 + FCN, d16 (contract_dilation) + PSP
+# and + ASPP, Swin + PSP; each with the auxiliary head.
+@pytest.mark.parametrize("kind", ["fcn", "psp", "aspp", "swin_psp"])
 def test_converted_mmseg_checkpoint_gives_the_mirrors_logits(kind, tmp_path):
     mirror = mirror_model(kind)
     checkpoint = tmp_path / "pna_mmseg.pth"
