@@ -10,6 +10,7 @@ import pytest
 
 from jax_refine.data import pipeline
 from jax_refine.data import seg_transforms as st
+from tests.test_pna_protocol import examples_eager_and_in_tf_data
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +157,7 @@ def test_pna_augment_mmseg_mode_is_the_reference_and_deterministic(tf):
                                    np.broadcast_to(mean, got_image[:, cw:].shape))
 
     augment = pipeline.PnaAugment(3, colour="mmseg", **kwargs)
-    ks = tf.constant([5, 6], tf.int64)
-    eager = [augment(tf, image, label, k) for k in ks]
-    ds = tf.data.Dataset.from_tensor_slices(ks).map(lambda k: augment(tf, image, label, k))
-    for e, g in zip(eager, ds.as_numpy_iterator(), strict=True):
-        np.testing.assert_array_equal(e["image"].numpy(), g["image"])
-        np.testing.assert_array_equal(e["label"].numpy(), g["label"])
+    for g in examples_eager_and_in_tf_data(tf, augment, image, label, (5, 6)):
         assert g["image"].shape == (24, 40, 3) and g["label"].shape == (24, 40)
 
 

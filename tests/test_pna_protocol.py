@@ -265,6 +265,19 @@ def test_color_aug_ssd_is_detectron2_with_cv2():
         assert 5 < sum(bool(d[key]) for d in draws) < 35, key
 
 
+def examples_eager_and_in_tf_data(tf, augment, image, label, ks) -> list[dict]:
+    """`augment`'s examples ks, computed eagerly and inside a tf.data map: asserts they are
+    equal and returns the tf.data ones (numpy)."""
+    ks = tf.constant(ks, tf.int64)
+    eager = [augment(tf, image, label, k) for k in ks]
+    ds = tf.data.Dataset.from_tensor_slices(ks).map(lambda k: augment(tf, image, label, k))
+    graph = list(ds.as_numpy_iterator())
+    for e, g in zip(eager, graph, strict=True):
+        np.testing.assert_array_equal(e["image"].numpy(), g["image"])
+        np.testing.assert_array_equal(e["label"].numpy(), g["label"])
+    return graph
+
+
 def test_pna_augment_detectron2_mode_eager_equals_tf_data():
     """The detectron2 configs' transform (shortest edge, area crop, SSD colour, flip, bottom /
     right padding) gives the same example eagerly and inside tf.data's graph."""
@@ -277,12 +290,7 @@ def test_pna_augment_detectron2_mode_eager_equals_tf_data():
     label[10:, 20:] = 2
     augment = pipeline.PnaAugment(3, crop=(24, 40), resize="shortest_edge", min_sizes=(20, 28),
                                   max_size=40, single_category_max_area=0.75, colour="ssd")
-    ks = tf.constant([5, 6], tf.int64)
-    eager = [augment(tf, image, label, k) for k in ks]
-    ds = tf.data.Dataset.from_tensor_slices(ks).map(lambda k: augment(tf, image, label, k))
-    for e, g in zip(eager, ds.as_numpy_iterator(), strict=True):
-        np.testing.assert_array_equal(e["image"].numpy(), g["image"])
-        np.testing.assert_array_equal(e["label"].numpy(), g["label"])
+    for g in examples_eager_and_in_tf_data(tf, augment, image, label, (5, 6)):
         valid = g["label"] != 255
         rows, cols = valid.any(1).sum(), valid.any(0).sum()
         assert valid[:rows, :cols].all()  # padding at the bottom / right only
