@@ -92,13 +92,22 @@ def _conv_module(reader: StateDictReader, key: str) -> tuple[Tree, Tree]:
     return params, {"norm": norm_stats}
 
 
-def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
-    """mmsegmentation `FCNHead` keys -> `models.heads.FCNHead` tree."""
+def _conv_module_list(reader: StateDictReader, prefix: str, group: str,
+                      suffix: str = "") -> tuple[Tree, Tree]:
+    """An mmseg ModuleList of ConvModules, keys `{prefix}{group}.{i}{suffix}.*` ->
+    ({'{group}_{i}': params}, {...: stats}); none found: entry 0, recorded as missing."""
     params: Tree = {}
     stats: Tree = {}
-    convs = key_indices(reader.keys(), rf"^{re.escape(prefix)}convs\.(\d+)\.conv\.weight$")
-    for i in convs or [0]:
-        params[f"convs_{i}"], stats[f"convs_{i}"] = _conv_module(reader, f"{prefix}convs.{i}")
+    pattern = rf"^{re.escape(prefix + group)}\.(\d+){re.escape(suffix)}\."
+    for i in key_indices(reader.keys(), pattern) or [0]:
+        name = f"{group}_{i}"
+        params[name], stats[name] = _conv_module(reader, f"{prefix}{group}.{i}{suffix}")
+    return params, stats
+
+
+def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
+    """mmsegmentation `FCNHead` keys -> `models.heads.FCNHead` tree."""
+    params, stats = _conv_module_list(reader, prefix, "convs")
     if reader.has(f"{prefix}conv_cat.conv.weight"):
         params["conv_cat"], stats["conv_cat"] = _conv_module(reader, f"{prefix}conv_cat")
     params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
@@ -106,13 +115,9 @@ def fcn_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree
 
 
 def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
-    """mmsegmentation `PSPHead` keys -> `models.heads.PSPHead` tree."""
-    params: Tree = {}
-    stats: Tree = {}
-    scales = key_indices(reader.keys(), rf"^{re.escape(prefix)}psp_modules\.(\d+)\.1\.")
-    for i in scales or [0]:
-        name = f"psp_modules_{i}"
-        params[name], stats[name] = _conv_module(reader, f"{prefix}psp_modules.{i}.1")
+    """mmsegmentation `PSPHead` keys -> `models.heads.PSPHead` tree (psp_modules.i.1 ->
+    psp_modules_i: index 0 of each Sequential is the parameter-free pooling)."""
+    params, stats = _conv_module_list(reader, prefix, "psp_modules", ".1")
     params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
     params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
     return params, stats
@@ -121,13 +126,8 @@ def psp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree
 def aspp_head_tree(reader: StateDictReader, prefix: str = "") -> tuple[Tree, Tree]:
     """mmsegmentation `ASPPHead` keys -> `models.heads.ASPPHead` tree (image_pool.1 ->
     image_pool: index 0 of mmseg's Sequential is the parameter-free pooling)."""
-    params: Tree = {}
-    stats: Tree = {}
+    params, stats = _conv_module_list(reader, prefix, "aspp_modules")
     params["image_pool"], stats["image_pool"] = _conv_module(reader, f"{prefix}image_pool.1")
-    branches = key_indices(reader.keys(), rf"^{re.escape(prefix)}aspp_modules\.(\d+)\.")
-    for i in branches or [0]:
-        name = f"aspp_modules_{i}"
-        params[name], stats[name] = _conv_module(reader, f"{prefix}aspp_modules.{i}")
     params["bottleneck"], stats["bottleneck"] = _conv_module(reader, f"{prefix}bottleneck")
     params["conv_seg"] = conv_tree(reader, f"{prefix}conv_seg")
     return params, stats
