@@ -250,3 +250,19 @@ def test_windowed_source_batches():
                                 pipeline.CrmAugment(3, crop=CROP), global_batch_size=2)
     (batch,) = _take(ds, 1)
     assert batch["image"].shape == (2, CROP, CROP, 3) and batch["gt"].shape == (2, CROP, CROP, 1)
+
+
+def test_training_imports_leave_tensorflow_onednn_off():
+    """jax_refine turns TensorFlow's oneDNN kernels off before CLU (or the pipelines) import
+    TensorFlow: their per-shape code generation serialises the tf.data threads."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import jax_refine.train.loop; "
+            "assert 'tensorflow' in sys.modules; "
+            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "0"
+    assert "oneDNN custom operations are on" not in run.stderr

@@ -22,7 +22,9 @@ included. Three cv2 steps stay numpy inside `tf.numpy_function`, exact as they a
 perturbation's contour thinning (cv2's contour tracing has no graph op), `coarse_from_lowres`
 and the soft masks' Gaussian blur; each is a few cv2 calls (which release the GIL) and little
 Python. A loader runs in 'spawn' processes: a script that builds a pipeline needs the usual
-`if __name__ == "__main__":` guard.
+`if __name__ == "__main__":` guard. TensorFlow's oneDNN kernels are off (`jax_refine`
+sets TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported): they generate code for every
+new op shape, which serialised the map threads (2 cores gave 1.2x one core's examples/s).
 
 Determinism and resume: the global example number k = step * batch_size + position seeds
 every random choice (stateless TF ops seeded with (seed, k); the loaders' numpy Generators
