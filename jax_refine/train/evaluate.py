@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import jax
 import numpy as np
 
 from jax_refine import metrics
@@ -43,6 +44,12 @@ from jax_refine.io import (
     files_by_stem,
     read_image,
     read_mask,
+)
+from jax_refine.train.distributed_eval import (
+    LazySequence,
+    global_index,
+    in_item_order,
+    process_items,
 )
 
 PASS_THROUGH_SUM = 32 * 32  # in 0..255 units
@@ -56,8 +63,9 @@ class Sample:
     gt: np.ndarray  # bool [H, W], binarised
 
 
-def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
-    """Samples of a BIG-layout folder (name_im.*, name_gt.*, name_seg.*)."""
+def big_folder(folder: str | Path, limit: int = 0) -> LazySequence[Sample]:
+    """Samples of a BIG-layout folder (name_im.*, name_gt.*, name_seg.*), in name order,
+    the first `limit` (0 = all); each is read when accessed."""
     from jax_refine.refine import image_to_rgb
 
     folder = Path(folder)
@@ -65,9 +73,11 @@ def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
     names = [stem[: -len("_im")] for stem in by_stem if stem.endswith("_im")]
     if not names:
         raise ValueError(f"no *_im.* images in {folder}")
-    for k, name in enumerate(names):
-        if limit and k >= limit:
-            return
+    if limit:
+        names = names[:limit]
+
+    def load(k: int) -> Sample:
+        name = names[k]
         path = by_stem[f"{name}_im"][0]
         found = {}
         for tag in ("gt", "seg"):
@@ -79,7 +89,9 @@ def big_folder(folder: str | Path, limit: int = 0) -> Iterator[Sample]:
         if image.shape[:2] != found["gt"].shape or found["gt"].shape != found["seg"].shape:
             raise ValueError(f"{path}: image {image.shape[:2]}, gt {found['gt'].shape} and "
                              f"seg {found['seg'].shape} sizes differ")
-        yield Sample(name, image, found["seg"], binarize_mask(found["gt"]))
+        return Sample(name, image, found["seg"], binarize_mask(found["gt"]))
+
+    return LazySequence(len(names), load)
 
 
 def synthetic_coarse(gt: np.ndarray, kind: str, seed: int) -> np.ndarray:
@@ -99,13 +111,16 @@ def synthetic_coarse(gt: np.ndarray, kind: str, seed: int) -> np.ndarray:
     raise ValueError(f"unknown coarse kind {kind!r}; expected 'perturb' or 'lowres'")
 
 
-def synthetic_scenes(num: int, size: int, kind: str) -> Iterator[Sample]:
-    """Held-out synthetic scenes 0..num-1 at size x size with `kind` coarse masks."""
-    for seed in range(num):
+def synthetic_scenes(num: int, size: int, kind: str) -> LazySequence[Sample]:
+    """Held-out synthetic scenes 0..num-1 at size x size with `kind` coarse masks (each
+    rendered when accessed)."""
+    def load(seed: int) -> Sample:
         image, label = make_scene(seed, size, size)
         gt = (label > 0).astype(np.uint8)
         coarse = synthetic_coarse(gt, kind, seed) * np.uint8(255)
-        yield Sample(f"scene{seed}_{kind}", image, coarse, gt.astype(bool))
+        return Sample(f"scene{seed}_{kind}", image, coarse, gt.astype(bool))
+
+    return LazySequence(num, load)
 
 
 def _predictions(refiner: Any, samples: Iterator[Sample], scales: tuple[float, ...],
@@ -153,32 +168,38 @@ def evaluate_samples(
     evaluation), `chunk` samples at a time go through `Refiner.refine_batch` (batched and
     sharded over the devices) and 'steps' holds the last scale only. A passed-through sample
     counts as its coarse mask at every step.
+
+    In a multi-process run, `samples` are this process's items of the set
+    (`distributed_eval.process_items`); the scores are the whole set's, the same on every
+    process and bitwise those of one process scoring every item. PNGs: the items numbered
+    below `num_pngs`, each written by its process; 'pngs' lists this process's.
     Returns {'num_images', 'coarse': {'iou', 'mba'}, 'refined': {...},
     'steps': [{'scale', 'iou', 'mba'}, ...], 'pngs': [...]}.
     """
     scales = tuple(scales)
     scored = scales if per_step else scales[-1:]
     keys = ("coarse", *[f"step{k}" for k in range(len(scored))])
-    sums = {k: np.zeros(2, np.int64) for k in keys}
-    mbas: dict[str, list[float]] = {k: [] for k in keys}
-    pngs, count = [], 0
-    for sample, steps in _predictions(refiner, samples, scales, per_step, chunk):
-        for key, pred in zip(keys, (binarize_mask(sample.coarse), *steps), strict=True):
-            sums[key] += metrics.intersection_union(pred, sample.gt)
-            mbas[key].append(metrics.boundary_accuracy(pred, sample.gt))
-        if out_dir is not None and len(pngs) < num_pngs:
+    rows = []  # per sample and key: intersection, union, mBA
+    pngs = []
+    for local, (sample, steps) in enumerate(_predictions(refiner, samples, scales, per_step,
+                                                         chunk)):
+        rows.append([(*metrics.intersection_union(pred, sample.gt),
+                      metrics.boundary_accuracy(pred, sample.gt))
+                     for pred in (binarize_mask(sample.coarse), *steps)])
+        if out_dir is not None and global_index(local) < num_pngs:
             pngs.append(str(_side_by_side(Path(out_dir), sample, steps[-1])))
-        count += 1
-    if count == 0:
+    table = in_item_order(np.asarray(rows, np.float64).reshape(-1, len(keys), 3))
+    if len(table) == 0:
         raise ValueError("no evaluation samples")
 
     def scores(key: str) -> dict[str, float]:
-        inter, union = sums[key]
-        mba = mbas[key]
+        column = table[:, keys.index(key)]
+        inter, union = column[:, :2].astype(np.int64).sum(axis=0)
+        mba = column[:, 2]
         return {"iou": float(inter / union) if union else 1.0,
                 "mba": float("nan") if np.all(np.isnan(mba)) else float(np.nanmean(mba))}
 
-    return {"num_images": count, "pngs": pngs, "coarse": scores("coarse"),
+    return {"num_images": len(table), "pngs": pngs, "coarse": scores("coarse"),
             "refined": scores(keys[-1]),
             "steps": [{"scale": s, **scores(k)} for s, k in zip(scored, keys[1:], strict=True)]}
 
@@ -242,25 +263,28 @@ def evaluate_refiner(
 ) -> dict[str, Any]:
     """Evaluate a Refiner on a BIG folder (if given) or held-out synthetic scenes
     (`evaluate_samples`; `per_step=False` is the batched evaluation of the training loop).
+    In a multi-process run each process scores its share of every set (item i on process
+    i % P) and all return the whole sets' metrics.
 
-    Writes out_dir/metrics.json (atomically) and PNGs under out_dir/pngs; returns the
-    metrics by set.
+    Writes out_dir/metrics.json (atomically, process 0) and PNGs under out_dir/pngs;
+    returns the metrics by set.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     if folder:
         results[Path(folder).name] = evaluate_samples(
-            refiner, big_folder(folder, num_images), scales,
+            refiner, process_items(big_folder(folder, num_images)), scales,
             out_dir=out_dir / "pngs", num_pngs=num_pngs, per_step=per_step)
     else:
         n = num_images or 4
         for kind in synthetic_kinds:
             results[f"synthetic{synthetic_size}_{kind}"] = evaluate_samples(
-                refiner, synthetic_scenes(n, synthetic_size, kind), scales,
+                refiner, process_items(synthetic_scenes(n, synthetic_size, kind)), scales,
                 out_dir=out_dir / "pngs", num_pngs=max(1, num_pngs // len(synthetic_kinds)),
                 per_step=per_step)
-    write_json(out_dir / "metrics.json", results)
+    if jax.process_index() == 0:
+        write_json(out_dir / "metrics.json", results)
     return results
 
 

@@ -6,17 +6,17 @@ does (`ResizeProtocol`, `config.eval.resize`: 'none' = native size, jax_refine's
 mmsegmentation's keep-ratio Resize with OpenCV's bilinear — both bit-exact, on the device);
 `Predictor` batches images as detectron2 pads them (bottom/right, the pixel mean, to a shape
 bucket: sides rounded up to a multiple of 64 and of the model's size divisibility), runs
-`batch_size` images of one bucket per call sharded over every device (one compilation per
-bucket, not per image size), upsamples each stage's logits bilinearly (align_corners=False)
-to the bucket, crops them to the resized image and resizes them back to the original size
-(bilinear, align_corners=False: detectron2's `sem_seg_postprocess`, mmseg's
-`whole_inference`), then takes the argmax on the device. The argmaxes are scored at the
-original size against the label map with a streaming `ConfusionMatrix` (label 255 ignored):
-mIoU, fwIoU, mACC and pACC per stage (`ConfusionMatrix.summary`), the mIoU over the classes
-that `config.eval.iou_classes` counts ('gt': detectron2's SemSegEvaluator, 'gt_or_pred':
-mmseg) and, with `config.eval.mean_classes`, mIoU and mACC over a class subset (Trans10k's
-two transparent classes, DeepGlobe's six land-cover classes). Used by evaluate.py and by the
-training loop's `config.eval_every`.
+`batch_size` images of one bucket per call sharded over this process's devices (one
+compilation per bucket, not per image size), upsamples each stage's logits bilinearly
+(align_corners=False) to the bucket, crops them to the resized image and resizes them back
+to the original size (bilinear, align_corners=False: detectron2's `sem_seg_postprocess`,
+mmseg's `whole_inference`), then takes the argmax on the device. The argmaxes are scored at
+the original size against the label map with a streaming `ConfusionMatrix` (label 255
+ignored): mIoU, fwIoU, mACC and pACC per stage (`ConfusionMatrix.summary`), the mIoU over
+the classes that `config.eval.iou_classes` counts ('gt': detectron2's SemSegEvaluator,
+'gt_or_pred': mmseg) and, with `config.eval.mean_classes`, mIoU and mACC over a class subset
+(Trans10k's two transparent classes, DeepGlobe's six land-cover classes). Used by
+evaluate.py and by the training loop's `config.eval_every`.
 
 Padding (`config.eval.bucket`): the references evaluate each image padded only to the
 model's size divisibility. `bucket=1` does the same (the paper configs' default; one
@@ -31,6 +31,10 @@ class_names, split), or, when `config.dataset.name` is 'synthetic', held-out mul
 synthetic scenes (seeds 0..n-1, below `TRAIN_SCENE_SEED_OFFSET`, so never trained on).
 Writes metrics.json and side-by-side PNGs (image | P0 | P4 | ground truth, a fixed palette,
 ignored pixels white).
+
+Multi-process runs (`distributed_eval`): process p of P loads and predicts images p, p + P,
+... on its own devices; the confusion matrices are summed over the processes (int64, so the
+metrics are bitwise one process's), and process 0 writes metrics.json.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ from jax_refine.models import pna as pna_lib
 from jax_refine.ops import image_resize
 from jax_refine.ops.resize import resize_bilinear, resize_bilinear_dynamic
 from jax_refine.train import mesh as mesh_lib
+from jax_refine.train.distributed_eval import (
+    LazySequence,
+    all_processes,
+    global_index,
+    process_items,
+)
 from jax_refine.train.evaluate import write_json
 
 IGNORE_LABEL = 255
@@ -70,35 +80,41 @@ class Sample:
     label: np.ndarray  # uint8 [H, W] class ids, 255 = ignore
 
 
-def synthetic_samples(num: int, size: int, num_classes: int) -> Iterator[Sample]:
-    """Held-out scenes 0..num-1 at size x size with labels 0..num_classes (0 = background)."""
+def synthetic_samples(num: int, size: int, num_classes: int) -> LazySequence[Sample]:
+    """Held-out scenes 0..num-1 at size x size with labels 0..num_classes (0 = background),
+    each rendered when accessed."""
     if num > TRAIN_SCENE_SEED_OFFSET:
         raise ValueError(f"at most {TRAIN_SCENE_SEED_OFFSET} held-out scenes")
-    for seed in range(num):
+
+    def load(seed: int) -> Sample:
         image, label = make_scene(seed, size, size, num_classes)
-        yield Sample(f"scene{seed}", image, label)
+        return Sample(f"scene{seed}", image, label)
+
+    return LazySequence(num, load)
 
 
 def folder_samples(records: Sequence[dict[str, Any]], limit: int = 0,
-                   reduce_zero_label: bool = False) -> Iterator[Sample]:
-    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name');
-    `reduce_zero_label`: mmseg's 0 -> 255, k -> k - 1 on the label maps (as the training
-    loader, `config.dataset.reduce_zero_label`).
+                   reduce_zero_label: bool = False) -> LazySequence[Sample]:
+    """Samples of a `semantic_folder` split (records with 'image', 'label', 'name'), the first
+    `limit` (0 = all), each read when accessed; `reduce_zero_label`: mmseg's 0 -> 255,
+    k -> k - 1 on the label maps (as the training loader, `config.dataset.reduce_zero_label`).
 
     TFDS's random-access data source decodes images with OpenCV (Pillow without it), whose
     JPEG pixels equal Pillow's (detectron2's `read_image`) and mmcv's; TensorFlow's default
     JPEG decoder (fast integer DCT, the tf.data training pipeline) differs from them in
     about 65% of the pixels, by up to 5 levels (measured on noise images).
     """
-    for i in range(len(records) if not limit else min(limit, len(records))):
+    def load(i: int) -> Sample:
         r = records[i]
         label = np.asarray(r["label"])
         label = label[..., 0] if label.ndim == 3 else label
         if reduce_zero_label:
             label = reduce_zero_label_map(label)
         name = r["name"]
-        yield Sample(name.decode() if isinstance(name, bytes) else str(name),
-                     np.asarray(r["image"]), label)
+        return Sample(name.decode() if isinstance(name, bytes) else str(name),
+                      np.asarray(r["image"]), label)
+
+    return LazySequence(min(limit, len(records)) if limit else len(records), load)
 
 
 def stage_logits_at(stage_logits: Sequence[jax.Array], padded: tuple[int, int],
@@ -196,7 +212,8 @@ class Predictor:
     back to the original size per image (`resize_bilinear_dynamic`, traced sizes), and the
     argmax is taken on the device. Images are grouped by (original bucket, network bucket,
     resampled or not); each call holds `batch_size` images (rounded up to a multiple of the
-    device count; unused slots are padding) sharded on the mesh's 'data' axis, with the weights
+    device count; unused slots are padding) sharded on the 'data' axis of `mesh` (default:
+    this process's devices, `mesh.make_local_mesh`), with the weights
     replicated — they are an argument, so a training loop reuses the compilations with new
     weights. `trace_count`: compilations so far (one per group shape).
     """
@@ -205,7 +222,7 @@ class Predictor:
                  mesh: jax.sharding.Mesh | None = None, resize: ResizeProtocol | None = None):
         self.model = model
         self.resize = resize or ResizeProtocol()
-        self.mesh = mesh or mesh_lib.make_mesh()
+        self.mesh = mesh or mesh_lib.make_local_mesh()
         devices = self.mesh.devices.size
         self.batch_size = -(-max(batch_size, 1) // devices) * devices
         self.bucket = math.lcm(bucket, max(model.size_divisibility, 1))
@@ -283,9 +300,7 @@ class Predictor:
         return out
 
     def _put(self, array: np.ndarray) -> jax.Array:
-        """Every process holds the whole batch and contributes its devices' slices."""
-        return jax.make_array_from_callback(array.shape, self._data,
-                                            lambda index: array[index])
+        return jax.device_put(array, self._data)
 
 
 def evaluate_samples(
@@ -301,6 +316,11 @@ def evaluate_samples(
     `Predictor` with its weights bound); called with up to `chunk` samples at a time.
     `iou_classes`: which classes count in the mIoU ('gt': detectron2, 'gt_or_pred': mmseg);
     `mean_classes`: class ids that mIoU and mACC average over (empty = all).
+
+    In a multi-process run, `samples` are this process's items of the set
+    (`distributed_eval.process_items`); the confusion matrices are summed over the processes,
+    so every process returns the whole set's metrics, bitwise one process's. PNGs: the items
+    numbered below `num_pngs`, each written by its process; 'pngs' lists this process's.
     """
     matrices: list[metrics.ConfusionMatrix] = []
     pngs, count = [], 0
@@ -311,11 +331,20 @@ def evaluate_samples(
                 matrices = [metrics.ConfusionMatrix(num_classes, IGNORE_LABEL) for _ in preds]
             for matrix, pred in zip(matrices, preds, strict=True):
                 matrix.update(pred, sample.label)
-            if out_dir is not None and len(pngs) < num_pngs:
+            if out_dir is not None and global_index(count) < num_pngs:
                 pngs.append(str(side_by_side(Path(out_dir), sample, preds[0], preds[-1])))
             count += 1
+    # Every process needs the stage count; one with no items of its own has no matrices.
+    num_stages = int(all_processes(np.asarray([len(matrices)], np.int64)).max())
+    local = np.zeros((num_stages, num_classes, num_classes), np.int64)
+    for i, matrix in enumerate(matrices):
+        local[i] = matrix.matrix
+    count = int(all_processes(np.asarray([count], np.int64)).sum())
     if count == 0:
         raise ValueError("no evaluation samples")
+    matrices = [metrics.ConfusionMatrix(num_classes, IGNORE_LABEL) for _ in range(num_stages)]
+    for matrix, total in zip(matrices, all_processes(local).sum(axis=0), strict=True):
+        matrix.matrix = total
     classes = tuple(int(c) for c in mean_classes) or None
     stages = {f"P{i}": m.summary(iou_classes, classes) for i, m in enumerate(matrices)}
     return {"num_images": count, "stages": stages, "pngs": pngs}
@@ -401,12 +430,16 @@ def evaluate_model(config: ml_collections.ConfigDict, predictor: Predictor, vari
                                  config.dataset.get("reduce_zero_label", False))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Host copies placed on the predictor's devices (a training state's arrays live on the
+    # global mesh; the predictor runs on this process's devices).
+    variables = jax.device_put(jax.device_get(variables), mesh_lib.replicated(predictor.mesh))
     results = {name: evaluate_samples(
-        lambda images: predictor(variables, images), samples, num_classes,
+        lambda images: predictor(variables, images), process_items(samples), num_classes,
         out_dir=out_dir / "pngs", num_pngs=e.num_pngs, chunk=4 * predictor.batch_size,
         iou_classes=e.get("iou_classes", "gt_or_pred"),
         mean_classes=tuple(e.get("mean_classes", ())))}
-    write_json(out_dir / "metrics.json", results)
+    if jax.process_index() == 0:
+        write_json(out_dir / "metrics.json", results)
     return results
 
 

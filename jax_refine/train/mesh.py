@@ -75,6 +75,12 @@ def make_mesh() -> jax.sharding.Mesh:
     )
 
 
+def make_local_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over this process's devices, axis 'data' (work that each process does on
+    its own: evaluation of its share of a set, `distributed_eval`)."""
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
