@@ -9,15 +9,20 @@ scenes, with the reference's test protocol of the config (`config.eval.resize`,
 `iou_classes`, `mean_classes`: see jax_refine.train.evaluate_pna).
 The same code runs inside training with `config.eval_every`.
 Writes metrics.json and side-by-side PNGs to DIR/eval (or --out), and prints markdown tables.
+Multi-host: run it on every host as train.py (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID, or `--config.distributed=True`); each process evaluates its share of the
+images, process 0 writes and prints the whole set's metrics.
 """
 
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jax_refine.train import cli_flags, evaluate_pna
 from jax_refine.train import evaluate as crm_eval
+from jax_refine.train import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -35,16 +40,19 @@ def main(argv):
         raise app.UsageError("give --workdir or --checkpoint")
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    mesh_lib.maybe_initialize_distributed(config.get("distributed", False))
     pna = config.get("task", "crm") == "pna"
     checkpoint = _CHECKPOINT.value or Path(_WORKDIR.value) / ("pna" if pna else "refiner")
     out = _OUT.value or (Path(_WORKDIR.value) / "eval" if _WORKDIR.value else "eval_out")
     if pna:
         results = evaluate_pna.evaluate(config, checkpoint, out)
-        print(evaluate_pna.markdown_table(results))
+        tables = [evaluate_pna.markdown_table(results)]
     else:
         results = crm_eval.evaluate(checkpoint, out, **crm_eval.eval_kwargs(config.eval))
-        print(crm_eval.markdown_table(results))
-        print(crm_eval.steps_table(results))
+        tables = [crm_eval.markdown_table(results), crm_eval.steps_table(results)]
+    if jax.process_index() != 0:
+        return
+    print("\n".join(tables))
     for r in results.values():
         for png in r["pngs"]:
             print(png)
