@@ -1,7 +1,7 @@
-"""Training by backend: the paper's CRM step and a PNA step lower for CUDA and TPU (the CRM
-step without a while loop: the per-tap kernel gradient is CPU-only), the CPU kernel gradient
-is unchanged, the accelerator benchmark section runs (tiny shapes), and in it bfloat16 CRM
-and PNA steps train as float32 ones do.
+"""Training by backend: the paper's CRM step and a PNA step lower for CUDA and TPU without a
+while loop (the per-tap kernel gradient and the tiled neighbourhood attention are
+CPU-only), the CPU kernel gradient is unchanged, the accelerator benchmark section runs
+(tiny shapes), and in it bfloat16 CRM and PNA steps train as float32 ones do.
 
 The bfloat16 checks read the benchmark's small rows: each of its JAX cases trains the
 library's jitted step (`jit_train_step` over `crm_train_step` / `pna_train_step`) for 11
@@ -29,8 +29,8 @@ from jax_refine.train import optim, step
 from jax_refine.train.state import create_state
 
 ACCELERATORS = ["cuda", "tpu"]
-# If the neighbourhood attention's Pallas kernel is chosen on GPU, the export holds its
-# Triton call; jax.export accepts it only when told to.
+# On GPU the neighbourhood attention is the Pallas kernel: the export holds its Triton
+# calls, which jax.export accepts only when told to.
 TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 
@@ -90,10 +90,16 @@ def pna_step():
     return fn, (state, batch)
 
 
-@pytest.mark.parametrize("platform", ACCELERATORS)
-def test_pna_step_lowers(pna_step, platform):
+@pytest.mark.parametrize("platform, kernel", [("cuda", "__gpu$xla.gpu.triton"),
+                                              ("tpu", "tpu_custom_call")])
+def test_pna_step_lowers_with_the_fused_attention(pna_step, platform, kernel):
+    """The default neighbourhood attention is chosen by the platform lowered for: the fused
+    Pallas kernel on GPU/TPU (forward and backward kernels in each of the 4 stages), none of
+    the CPU kernels' while loops."""
     text = lowered_text(*pna_step, platform)
     assert "stablehlo.convolution" in text
+    assert text.count("stablehlo.while") == 0
+    assert text.count(kernel) >= 4 * 3, text.count(kernel)
 
 
 def test_conv2d_kernel_gradient_is_chosen_by_platform():

@@ -460,10 +460,12 @@ def na2d(
       dilation: window dilation d.
       rpb: relative position bias `[heads, 2L-1, 2L-1]`, or None.
       scale: query scale; None means D ** -0.5.
-      implementation: None (the best for the backend: "xla" on CPU, "pallas" on GPU/TPU),
-        "xla" (the tiled kernels, logits materialised in float32) or "pallas" (the fused
-        kernel: logits stay on-chip, only a per-query log-sum-exp is saved for the backward;
-        runs in Pallas interpret mode on CPU, slowly).
+      implementation: None (the best for the platform the call is lowered for, chosen by
+        `jax.lax.platform_dependent`: "xla" on CPU, "pallas" on GPU/TPU — so a program
+        exported for CUDA or TPU from a CPU host holds the fused kernel), "xla" (the tiled
+        kernels, logits materialised in float32) or "pallas" (the fused kernel: logits stay
+        on-chip, only a per-query log-sum-exp is saved for the backward; runs in Pallas
+        interpret mode on CPU, slowly).
 
     Returns:
       `[B, H, W, heads, D]` in the dtype of the inputs (float32 accumulation). Differentiable
@@ -478,17 +480,21 @@ def na2d(
     heads, n = query.shape[3], 2 * kernel_size - 1
     if rpb is not None and rpb.shape != (heads, n, n):
         raise ValueError(f"rpb must be [heads, 2L-1, 2L-1] = {(heads, n, n)}, got {rpb.shape}.")
-    if implementation is None:
-        implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
-    if implementation not in _IMPLEMENTATIONS:
+    if implementation is not None and implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be None or one of {_IMPLEMENTATIONS}, got {implementation!r}."
         )
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if implementation == "xla":
-        return _na2d_xla(query, key, value, rpb, kernel_size, dilation, scale)
-    from jax_refine.ops.neighborhood_pallas import na2d_pallas
 
-    if rpb is None:
-        rpb = jnp.zeros((heads, n, n), jnp.float32)
-    return na2d_pallas(query, key, value, rpb, kernel_size, dilation, scale)
+    def tiled(q, k, v):
+        return _na2d_xla(q, k, v, rpb, kernel_size, dilation, scale)
+
+    def fused(q, k, v):
+        from jax_refine.ops.neighborhood_pallas import na2d_pallas
+
+        bias = jnp.zeros((heads, n, n), jnp.float32) if rpb is None else rpb
+        return na2d_pallas(q, k, v, bias, kernel_size, dilation, scale)
+
+    if implementation is None:
+        return jax.lax.platform_dependent(query, key, value, cpu=tiled, default=fused)
+    return (tiled if implementation == "xla" else fused)(query, key, value)
