@@ -489,12 +489,13 @@ def na2d(
     def tiled(q, k, v):
         return _na2d_xla(q, k, v, rpb, kernel_size, dilation, scale)
 
-    def fused(q, k, v):
+    def fused(q, k, v, interpret_elsewhere=True):
         from jax_refine.ops.neighborhood_pallas import na2d_pallas
 
         bias = jnp.zeros((heads, n, n), jnp.float32) if rpb is None else rpb
-        return na2d_pallas(q, k, v, bias, kernel_size, dilation, scale)
+        return na2d_pallas(q, k, v, bias, kernel_size, dilation, scale, interpret_elsewhere)
 
-    if implementation is None:
-        return jax.lax.platform_dependent(query, key, value, cpu=tiled, default=fused)
+    if implementation is None:  # the interpret-mode kernel is never taken: not traced
+        accelerators = functools.partial(fused, interpret_elsewhere=False)
+        return jax.lax.platform_dependent(query, key, value, cpu=tiled, default=accelerators)
     return (tiled if implementation == "xla" else fused)(query, key, value)
