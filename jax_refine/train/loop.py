@@ -129,8 +129,9 @@ def _crm_export(config, directory, model, variables) -> None:
 
 def _crm_evaluator(config, model):
     """IoU / mBA of coarse and refined masks on config.eval's set (`evaluate.evaluate_refiner`,
-    as evaluate.py, batched through `Refiner.refine_batch`: the final scale only) with one
-    float32 Refiner whose weights are swapped at each call (its compilations are reused)."""
+    as evaluate.py, batched through `Refiner.refine_batch`: the final scale only; each
+    process scores its share of the set) with one float32 Refiner whose weights are swapped
+    at each call (its compilations are reused)."""
     refiner = None
 
     def run(variables, out_dir):
@@ -193,7 +194,8 @@ def _pna_export(config, directory, model, variables) -> None:
 
 def _pna_evaluator(config, model):
     """Per-stage mIoU on config.eval's set (`evaluate_pna.evaluate_model`, as evaluate.py),
-    batched and sharded over every device, one compilation per shape bucket for the run."""
+    batched and sharded over this process's devices (each process scores its share of the
+    set, `distributed_eval`), one compilation per shape bucket for the run."""
     predictor = evaluate_pna.predictor_for(config, pna_lib.build_pna(**pna_build_kwargs(config)))
     return functools.partial(evaluate_pna.evaluate_model, config, predictor)
 
