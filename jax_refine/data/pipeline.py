@@ -174,8 +174,8 @@ class RecordSource:
         (`seg_transforms.reduce_zero_label`: 0 -> 255, k -> k - 1; COCO-Stuff's ids 1..171).
     Class attribute `gil_free`: reading a record and decoding its images run in C++ with the
     GIL released, so `train_dataset` loads in tf.data's threads by default (on the 2-core
-    CI machine 1.5-1.7x the examples/s of worker processes, whose pickling and generator
-    hand-over run serially in the main process).
+    CI machine, 2026-12-04: 1.5-1.7x the examples/s of worker processes, whose pickling and
+    generator hand-over run serially in the main process).
     """
 
     gil_free: ClassVar[bool] = True
