@@ -461,11 +461,13 @@ def na2d(
       rpb: relative position bias `[heads, 2L-1, 2L-1]`, or None.
       scale: query scale; None means D ** -0.5.
       implementation: None (the best for the platform the call is lowered for, chosen by
-        `jax.lax.platform_dependent`: "xla" on CPU, "pallas" on GPU/TPU — so a program
+        `jax.lax.platform_dependent`: "pallas" on GPU/TPU, "xla" elsewhere, so a program
         exported for CUDA or TPU from a CPU host holds the fused kernel), "xla" (the tiled
         kernels, logits materialised in float32) or "pallas" (the fused kernel: logits stay
         on-chip, only a per-query log-sum-exp is saved for the backward; runs in Pallas
-        interpret mode on CPU, slowly).
+        interpret mode on CPU, slowly). A `jax.export` for CPU and an accelerator at once
+        needs "xla": JAX lowers every branch for every platform of such an export, and the
+        Pallas kernels do not lower for CPU.
 
     Returns:
       `[B, H, W, heads, D]` in the dtype of the inputs (float32 accumulation). Differentiable
@@ -489,13 +491,15 @@ def na2d(
     def tiled(q, k, v):
         return _na2d_xla(q, k, v, rpb, kernel_size, dilation, scale)
 
-    def fused(q, k, v, interpret_elsewhere=True):
+    def fused(q, k, v, backend=None):
         from jax_refine.ops.neighborhood_pallas import na2d_pallas
 
         bias = jnp.zeros((heads, n, n), jnp.float32) if rpb is None else rpb
-        return na2d_pallas(q, k, v, bias, kernel_size, dilation, scale, interpret_elsewhere)
+        return na2d_pallas(q, k, v, bias, kernel_size, dilation, scale, backend)
 
-    if implementation is None:  # the interpret-mode kernel is never taken: not traced
-        accelerators = functools.partial(fused, interpret_elsewhere=False)
-        return jax.lax.platform_dependent(query, key, value, cpu=tiled, default=accelerators)
+    if implementation is None:  # each kernel traced once; no interpret-mode kernel
+        gpu = functools.partial(fused, backend="gpu")
+        return jax.lax.platform_dependent(query, key, value, cuda=gpu, rocm=gpu,
+                                          tpu=functools.partial(fused, backend="tpu"),
+                                          default=tiled)
     return (tiled if implementation == "xla" else fused)(query, key, value)

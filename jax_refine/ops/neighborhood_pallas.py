@@ -507,41 +507,39 @@ def backward_impl(
     return _from_kernel(dq, g), _from_kernel(dk, g), _from_kernel(dv, g), drpb
 
 
-def _platform_call(fn, interpret_elsewhere: bool, *args, **static):
-    """fn(backend, interpret, *args, **static) with the tiling of the platform it is lowered
-    for: Triton on GPUs, Mosaic on TPUs and, if `interpret_elsewhere`, the GPU tiling in
-    interpret mode on any other platform (CPU); else there is no branch for those (the
-    caller chose another kernel there), and no interpret-mode kernel is traced."""
+def _platform_call(fn, backend: str | None, *args, **static):
+    """fn(backend, interpret, *args, **static): with `backend` "gpu" or "tpu", that kernel;
+    with None, the one of the platform the call is lowered for: Triton on GPUs, Mosaic on
+    TPUs, the GPU tiling in interpret mode elsewhere (CPU)."""
+    if backend is not None:
+        return fn(backend, False, *args, **static)
     gpu = functools.partial(fn, "gpu", False, **static)  # one branch for cuda and rocm
-    branches = {"tpu": functools.partial(fn, "tpu", False, **static), "cuda": gpu, "rocm": gpu}
-    if interpret_elsewhere:
-        branches["default"] = functools.partial(fn, "gpu", True, **static)
-    return jax.lax.platform_dependent(*args, **branches)
+    return jax.lax.platform_dependent(
+        *args, tpu=functools.partial(fn, "tpu", False, **static), cuda=gpu, rocm=gpu,
+        default=functools.partial(fn, "gpu", True, **static))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def na2d_pallas(q, k, v, rpb, L: int, d: int, scale: float, interpret_elsewhere: bool = True):
+def na2d_pallas(q, k, v, rpb, L: int, d: int, scale: float, backend: str | None = None):
     """Fused neighborhood attention; q, k, v `[B, H, W, heads, D]`, rpb `[heads, 2L-1, 2L-1]`.
 
     Inputs are checked by the caller (`neighborhood.na2d`). Output in the dtype of q.
-    `interpret_elsewhere`: on platforms other than GPU and TPU, run the kernels in Pallas
-    interpret mode (True) or have no kernel there (False: only inside a
-    `platform_dependent` branch that other platforms never take).
+    `backend`: "gpu" (Triton) or "tpu" (Mosaic) for that kernel only (inside a
+    `platform_dependent` branch of that platform), None for the kernel of the platform lowered
+    for (interpret mode on CPU).
     Residuals for the backward: q, k, v, rpb, the output and the log-sum-exp.
     """
-    return _platform_call(forward_impl, interpret_elsewhere, q, k, v, rpb, L=L, d=d,
-                          scale=scale)[0]
+    return _platform_call(forward_impl, backend, q, k, v, rpb, L=L, d=d, scale=scale)[0]
 
 
-def _na2d_fwd(q, k, v, rpb, L, d, scale, interpret_elsewhere):
-    out, lse = _platform_call(forward_impl, interpret_elsewhere, q, k, v, rpb, L=L, d=d,
-                              scale=scale)
+def _na2d_fwd(q, k, v, rpb, L, d, scale, backend):
+    out, lse = _platform_call(forward_impl, backend, q, k, v, rpb, L=L, d=d, scale=scale)
     return out, (q, k, v, rpb, out, lse)
 
 
-def _na2d_bwd(L, d, scale, interpret_elsewhere, res, g_out):
-    dq, dk, dv, drpb = _platform_call(backward_impl, interpret_elsewhere, *res, g_out, L=L,
-                                      d=d, scale=scale)
+def _na2d_bwd(L, d, scale, backend, res, g_out):
+    dq, dk, dv, drpb = _platform_call(backward_impl, backend, *res, g_out, L=L, d=d,
+                                      scale=scale)
     return dq, dk, dv, drpb.astype(res[3].dtype)
 
 
