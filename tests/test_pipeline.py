@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -255,9 +257,6 @@ def test_windowed_source_batches():
 def test_training_imports_leave_tensorflow_onednn_off():
     """jax_refine turns TensorFlow's oneDNN kernels off before CLU (or the pipelines) import
     TensorFlow: their per-shape code generation serialises the tf.data threads."""
-    import subprocess
-    import sys
-
     code = ("import os, sys; import jax_refine.train.loop; "
             "assert 'tensorflow' in sys.modules; "
             "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])")

@@ -335,11 +335,11 @@ def evaluate_samples(
                 pngs.append(str(side_by_side(Path(out_dir), sample, preds[0], preds[-1])))
             count += 1
     # Every process needs the stage count; one with no items of its own has no matrices.
-    num_stages = int(all_processes(np.asarray([len(matrices)], np.int64)).max())
+    stages_and_counts = all_processes(np.asarray([len(matrices), count], np.int64))
+    num_stages, count = int(stages_and_counts[:, 0].max()), int(stages_and_counts[:, 1].sum())
     local = np.zeros((num_stages, num_classes, num_classes), np.int64)
     for i, matrix in enumerate(matrices):
         local[i] = matrix.matrix
-    count = int(all_processes(np.asarray([count], np.int64)).sum())
     if count == 0:
         raise ValueError("no evaluation samples")
     matrices = [metrics.ConfusionMatrix(num_classes, IGNORE_LABEL) for _ in range(num_stages)]
